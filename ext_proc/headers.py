@@ -1,0 +1,77 @@
+"""Envoy `HeaderMap` <-> OpenTelemetry carriers.
+
+Incoming headers become a `Carrier`: lower-case name -> every value in arrival
+order, so propagators can see duplicates (two ``traceparent`` headers make the
+context invalid; several ``tracestate`` headers are joined). Envoy sends values
+in ``raw_value`` (bytes) and leaves ``value`` empty; we read ``raw_value`` and
+fall back to ``value``. Outgoing headers are a plain ``dict[str, str]`` that
+`header_mutation` turns into a replace-never-append mutation in ``raw_value``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Final
+
+from opentelemetry.propagators.textmap import Getter, Setter
+
+from ext_proc._gen.envoy.config.core.v3 import base_pb2
+from ext_proc._gen.envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+
+Carrier = dict[str, list[str]]
+
+_OVERWRITE: Final = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+
+
+def carrier_from_headers(header_map: base_pb2.HeaderMap) -> Carrier:
+    """Collect Envoy's headers into a `Carrier`. Never raises on odd bytes."""
+    carrier: Carrier = {}
+    for header in header_map.headers:
+        raw = header.raw_value
+        value = raw.decode("utf-8", "replace") if raw else header.value
+        key = header.key.lower()
+        values = carrier.get(key)
+        if values is None:
+            carrier[key] = [value]
+        else:
+            values.append(value)
+    return carrier
+
+
+def first(carrier: Mapping[str, list[str]], name: str) -> str | None:
+    values = carrier.get(name)
+    return values[0] if values else None
+
+
+class CarrierGetter(Getter[Mapping[str, list[str]]]):
+    """OTel getter over a `Carrier`; `get` returns every value of a header."""
+
+    def get(self, carrier: Mapping[str, list[str]], key: str) -> list[str] | None:
+        return carrier.get(key.lower())
+
+    def keys(self, carrier: Mapping[str, list[str]]) -> list[str]:
+        return list(carrier)
+
+
+class DictSetter(Setter[dict[str, str]]):
+    """OTel setter into the dict of headers to set upstream (replace semantics)."""
+
+    def set(self, carrier: dict[str, str], key: str, value: str) -> None:
+        carrier[key.lower()] = value
+
+
+CARRIER_GETTER: Final = CarrierGetter()
+DICT_SETTER: Final = DictSetter()
+
+
+def header_mutation(
+    set_headers: Mapping[str, str], remove: Iterable[str] = ()
+) -> pb.HeaderMutation:
+    """A mutation that overwrites (never appends) each header, values in ``raw_value``."""
+    mutation = pb.HeaderMutation(remove_headers=list(remove))
+    for key, value in set_headers.items():
+        option = mutation.set_headers.add()
+        option.header.key = key
+        option.header.raw_value = value.encode("utf-8")
+        option.append_action = _OVERWRITE
+    return mutation
