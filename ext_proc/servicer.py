@@ -1,0 +1,49 @@
+"""The gRPC servicer: one `StreamSession` per ext_proc stream."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+from loguru import logger
+from opentelemetry import context as otel_context
+from opentelemetry.trace.propagation import set_span_in_context
+
+from ext_proc._gen.envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from ext_proc._gen.envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from ext_proc.route_options import route_options
+from ext_proc.stream import StreamDeps, StreamSession
+
+
+class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
+    """Answers Envoy first, records after, ends every span exactly once."""
+
+    def __init__(self, deps: StreamDeps) -> None:
+        self._deps = deps
+        self.active: set[StreamSession] = set()  # live streams, for shutdown and tests
+
+    async def Process(  # noqa: N802 - the generated gRPC method name
+        self,
+        request_iterator: AsyncIterator[pb.ProcessingRequest],
+        context: grpc.aio.ServicerContext[pb.ProcessingRequest, pb.ProcessingResponse],
+    ) -> AsyncIterator[pb.ProcessingResponse]:
+        session = StreamSession(self._deps, route_options(context.invocation_metadata()))
+        self.active.add(session)
+        correlated = False
+        try:
+            async for request in request_iterator:
+                response = session.handle(request)
+                if not request.observability_mode:
+                    yield response
+                if not correlated and session.span is not None:
+                    # This RPC runs in its own task, so the span stays current for
+                    # every later log line of this stream and no other.
+                    otel_context.attach(set_span_in_context(session.span))
+                    correlated = True
+                session.record()
+        finally:
+            self.active.discard(session)
+            try:
+                session.close()
+            except Exception:
+                logger.opt(exception=True).error("closing stream failed")

@@ -1,0 +1,253 @@
+"""`StreamSession`: one HTTP exchange as seen through one ext_proc stream.
+
+Envoy opens one gRPC stream per HTTP request. The session starts the gateway
+SERVER span on ``request_headers`` (at Envoy's own ``request.time``), answers
+with the traceparent mutation, and ends the span exactly once when the stream
+closes: that close is the only end-of-response signal Envoy gives (see
+ENVOY-NOTES). Work that does not shape the answer happens in `record()`, which
+the servicer calls after the answer is written.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Final, Protocol
+
+from google.protobuf import struct_pb2
+from loguru import logger
+from opentelemetry.context import Context
+from opentelemetry.trace import Span, SpanContext, SpanKind, Status, StatusCode, Tracer
+from opentelemetry.trace.propagation import set_span_in_context
+
+from ext_proc import semconv as sc
+from ext_proc._gen.envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from ext_proc.envoy_attrs import EnvoyAttributes, response_flag_names
+from ext_proc.headers import Carrier, carrier_from_headers, first, header_mutation
+from ext_proc.request_info import RequestInfo, request_info
+from ext_proc.route_options import DEFAULT as DEFAULT_ROUTE_OPTIONS
+from ext_proc.route_options import RouteOptions
+
+
+class Propagator(Protocol):
+    """What the stream needs from `ext_proc.propagation.GatewayPropagator`."""
+
+    remove: tuple[str, ...]
+
+    def extract(self, carrier: Carrier) -> Context: ...
+    def inject(self, context: Context, out: dict[str, str]) -> None: ...
+    def response_headers(self, span_context: SpanContext) -> dict[str, str]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class StreamDeps:
+    """Everything a session needs, built once by the app."""
+
+    tracer: Tracer
+    propagator: Propagator
+    attributes_namespace: str
+    metadata_namespace: str
+    access_log: bool = True
+
+
+_EMPTY: Final = {
+    "request_headers": pb.ProcessingResponse(request_headers=pb.HeadersResponse()),
+    "response_headers": pb.ProcessingResponse(response_headers=pb.HeadersResponse()),
+    "request_body": pb.ProcessingResponse(request_body=pb.BodyResponse()),
+    "response_body": pb.ProcessingResponse(response_body=pb.BodyResponse()),
+    "request_trailers": pb.ProcessingResponse(request_trailers=pb.TrailersResponse()),
+    "response_trailers": pb.ProcessingResponse(response_trailers=pb.TrailersResponse()),
+}
+
+
+def empty_response(phase: str | None) -> pb.ProcessingResponse:
+    """The no-op answer for a phase (shared immutable instances: never mutate)."""
+    return _EMPTY.get(phase or "", _EMPTY["request_headers"])
+
+
+class StreamSession:
+    """State of one exchange: small, and released when the stream ends."""
+
+    __slots__ = (
+        "_closed", "_deps", "_facts", "_grpc_status", "_options", "_pending", "_response_attrs",
+        "_start_ns", "_status", "span",
+    )
+
+    def __init__(self, deps: StreamDeps, options: RouteOptions = DEFAULT_ROUTE_OPTIONS) -> None:
+        self._deps = deps
+        self._options = options
+        self.span: Span | None = None
+        self._facts: RequestInfo | None = None
+        self._start_ns = 0
+        self._status: int | None = None
+        self._grpc_status: str | None = None
+        self._response_attrs: EnvoyAttributes | None = None
+        self._pending: pb.ProcessingRequest | None = None
+        self._closed = False
+
+    @property
+    def responded(self) -> bool:
+        return self._status is not None
+
+    # -- answering (hot path) -------------------------------------------------
+
+    def handle(self, request: pb.ProcessingRequest) -> pb.ProcessingResponse:
+        """Answer one message. Never raises: a failure yields the phase's no-op answer."""
+        phase = request.WhichOneof("request")
+        try:
+            if phase == "request_headers":
+                return self._on_request_headers(request)
+            if phase == "response_headers":
+                return self._on_response_headers(request)
+            if phase == "response_trailers":
+                self._grpc_status = first(
+                    carrier_from_headers(request.response_trailers.trailers), "grpc-status"
+                ) or self._grpc_status
+        except Exception:
+            logger.opt(exception=True).error("phase failed", phase=phase)
+        return empty_response(phase)
+
+    def _on_request_headers(self, request: pb.ProcessingRequest) -> pb.ProcessingResponse:
+        if self.span is not None:  # a second request_headers: answer, change nothing
+            logger.debug("duplicate request_headers ignored")
+            return empty_response("request_headers")
+        deps = self._deps
+        carrier = carrier_from_headers(request.request_headers.headers)
+        attrs = EnvoyAttributes.of(request.attributes, deps.attributes_namespace)
+        self._start_ns = attrs.time_ns(sc.EnvoyAttr.REQUEST_TIME) or time.time_ns()
+        facts = self._facts = request_info(carrier, self._options.http_route)
+        parent = deps.propagator.extract(carrier)
+        span = self.span = deps.tracer.start_span(
+            facts.span_name, context=parent, kind=SpanKind.SERVER,
+            attributes=facts.start_attributes, start_time=self._start_ns,
+        )
+        out: dict[str, str] = {}
+        deps.propagator.inject(set_span_in_context(span, parent), out)
+        self._pending = request
+        return pb.ProcessingResponse(
+            request_headers=pb.HeadersResponse(response=pb.CommonResponse(
+                header_mutation=header_mutation(out, deps.propagator.remove),
+            )),
+            dynamic_metadata=self._trace_metadata(span.get_span_context()),
+        )
+
+    def _on_response_headers(self, request: pb.ProcessingRequest) -> pb.ProcessingResponse:
+        headers = request.response_headers
+        carrier = carrier_from_headers(headers.headers)
+        status = first(carrier, ":status")
+        self._status = int(status) if status and status.isdigit() else 0
+        if headers.end_of_stream:  # gRPC trailers-only responses carry grpc-status here
+            self._grpc_status = first(carrier, "grpc-status") or self._grpc_status
+        self._response_attrs = EnvoyAttributes.of(
+            request.attributes, self._deps.attributes_namespace
+        )
+        if self.span is None:  # denied before ext_proc saw the request
+            self._start_ns = time.time_ns()
+            self.span = self._deps.tracer.start_span(
+                "HTTP", kind=SpanKind.SERVER, start_time=self._start_ns
+            )
+        extra = self._deps.propagator.response_headers(self.span.get_span_context())
+        if not extra:
+            return empty_response("response_headers")
+        return pb.ProcessingResponse(response_headers=pb.HeadersResponse(
+            response=pb.CommonResponse(header_mutation=header_mutation(extra))
+        ))
+
+    def _trace_metadata(self, ctx: SpanContext) -> struct_pb2.Struct:
+        """trace_id/span_id for Envoy's access log (``%DYNAMIC_METADATA(ns:trace_id)%``)."""
+        metadata = struct_pb2.Struct()
+        entry = metadata.fields[self._deps.metadata_namespace].struct_value
+        entry.fields["trace_id"].string_value = format(ctx.trace_id, "032x")
+        entry.fields["span_id"].string_value = format(ctx.span_id, "016x")
+        return metadata
+
+    # -- recording (after the answer is written) --------------------------------
+
+    def record(self) -> None:
+        """Attach what the last answered message taught us to the span."""
+        request, self._pending = self._pending, None
+        span, facts = self.span, self._facts
+        if request is None or span is None or facts is None or not span.is_recording():
+            return
+        try:
+            span.set_attributes(facts.late_attributes(
+                EnvoyAttributes.of(request.attributes, self._deps.attributes_namespace)
+            ))
+            if facts.route is None:
+                route = facts.route_template(
+                    request.metadata_context, self._deps.metadata_namespace
+                )
+                if route:
+                    span.set_attribute(sc.HTTP_ROUTE, route)
+                    span.update_name(f"{facts.span_name} {route}")
+        except Exception:
+            logger.opt(exception=True).error("recording request attributes failed")
+
+    def close(self) -> None:
+        """End the span exactly once; safe to call more than once."""
+        if self._closed:
+            return
+        self._closed = True
+        self.record()
+        span = self.span
+        if span is None:
+            return
+        end_ns = time.time_ns()
+        try:
+            self._finish(span)
+        except Exception:
+            logger.opt(exception=True).error("finishing span failed")
+        finally:
+            span.end(end_time=end_ns)
+        if self._deps.access_log:
+            self._access_line(span, end_ns)
+        self.span = None
+        self._facts = None
+        self._response_attrs = None
+
+    def _finish(self, span: Span) -> None:
+        status = self._status
+        if status is None:
+            span.set_attribute(sc.ERROR_TYPE, sc.ERROR_CLIENT_ABORTED)
+            span.set_status(Status(StatusCode.ERROR, "stream ended before the response"))
+            return
+        attrs: dict[str, Any] = {}
+        if status:
+            attrs[sc.HTTP_RESPONSE_STATUS_CODE] = status
+        envoy = self._response_attrs
+        if envoy:
+            flags = envoy.integer(sc.EnvoyAttr.RESPONSE_FLAGS)
+            if flags:
+                attrs[sc.ENVOY_RESPONSE_FLAGS] = response_flag_names(flags)
+            for key, name in _RESPONSE_STRINGS:
+                value = envoy.string(name)
+                if value:
+                    attrs[key] = value
+            attempts = envoy.integer(sc.EnvoyAttr.UPSTREAM_ATTEMPTS)
+            if attempts is not None:
+                attrs[sc.ENVOY_UPSTREAM_ATTEMPTS] = attempts
+        if status >= 500:
+            attrs[sc.ERROR_TYPE] = str(status)
+            span.set_status(Status(StatusCode.ERROR))
+        span.set_attributes(attrs)
+
+    def _access_line(self, span: Span, end_ns: int) -> None:
+        ctx = span.get_span_context()
+        facts = self._facts
+        logger.bind(
+            trace_id=format(ctx.trace_id, "032x"),
+            span_id=format(ctx.span_id, "016x"),
+            trace_flags=format(int(ctx.trace_flags), "02x"),
+            method=facts.method if facts else None,
+            path=facts.path if facts else None,
+            status=self._status,
+            duration_ms=round((end_ns - self._start_ns) / 1e6, 3),
+            request_id=facts.request_id if facts else None,
+        ).info("access")
+
+
+_RESPONSE_STRINGS: Final = (
+    (sc.ENVOY_RESPONSE_CODE_DETAILS, sc.EnvoyAttr.RESPONSE_CODE_DETAILS),
+    (sc.ENVOY_UPSTREAM_ADDRESS, sc.EnvoyAttr.UPSTREAM_ADDRESS),
+    (sc.ENVOY_UPSTREAM_FAILURE, sc.EnvoyAttr.UPSTREAM_FAILURE),
+)

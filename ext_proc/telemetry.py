@@ -1,0 +1,95 @@
+"""Tracer provider and exporters, configured by the standard OTEL_* variables.
+
+``OTEL_TRACES_EXPORTER`` (otlp | console | none, default otlp),
+``OTEL_EXPORTER_OTLP[_TRACES]_PROTOCOL`` (grpc | http/protobuf), and the
+exporters' own endpoint/header/TLS/timeout variables; ``OTEL_BSP_*`` for the
+batch processor; ``OTEL_SERVICE_NAME`` / ``OTEL_RESOURCE_ATTRIBUTES`` for the
+resource; ``OTEL_TRACES_SAMPLER[_ARG]`` for the default sampler.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Final
+
+from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    ConsoleSpanExporter,
+    SpanExporter,
+)
+from opentelemetry.sdk.trace.sampling import Sampler
+from opentelemetry.trace import Tracer
+
+import ext_proc
+
+DEFAULT_SERVICE_NAME: Final = "extproc-otel"
+INSTRUMENTATION_NAME: Final = "ext_proc"
+
+
+class TelemetryConfigError(ValueError):
+    """An OTEL_* variable has a value we cannot use."""
+
+
+def build_resource() -> Resource:
+    resource = Resource.create()
+    if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
+        resource = resource.merge(Resource({SERVICE_NAME: DEFAULT_SERVICE_NAME}))
+    return resource
+
+
+def _protocol(env: Mapping[str, str]) -> str:
+    return (env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+            or env.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc").strip().lower()
+
+
+def build_span_exporter(env: Mapping[str, str] | None = None) -> SpanExporter | None:
+    """The exporter named by OTEL_TRACES_EXPORTER, or None for ``none``."""
+    env = os.environ if env is None else env
+    name = (env.get("OTEL_TRACES_EXPORTER") or "otlp").strip().lower()
+    if name == "none":
+        return None
+    if name == "console":
+        return ConsoleSpanExporter()
+    if name != "otlp":
+        raise TelemetryConfigError(f"OTEL_TRACES_EXPORTER={name!r}: use otlp, console or none")
+    protocol = _protocol(env)
+    if protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        return OTLPSpanExporter()
+    if protocol == "http/protobuf":
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+            OTLPSpanExporter as HttpSpanExporter,
+        )
+        return HttpSpanExporter()
+    raise TelemetryConfigError(
+        f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r}: use grpc or http/protobuf"
+    )
+
+
+@dataclass(frozen=True)
+class Telemetry:
+    """Handles the app keeps for the hot path and for shutdown."""
+
+    tracer_provider: TracerProvider
+    tracer: Tracer
+
+    def shutdown(self) -> None:
+        self.tracer_provider.force_flush()
+        self.tracer_provider.shutdown()
+
+
+def build_telemetry(
+    sampler: Sampler | None = None, exporter: SpanExporter | None = None, *, from_env: bool = True
+) -> Telemetry:
+    """Provider + batch export. Tests pass an in-memory exporter and from_env=False."""
+    provider = TracerProvider(resource=build_resource(), sampler=sampler)
+    if exporter is None and from_env:
+        exporter = build_span_exporter()
+    if exporter is not None:
+        provider.add_span_processor(BatchSpanProcessor(exporter))
+    tracer = provider.get_tracer(INSTRUMENTATION_NAME, ext_proc.__version__)
+    return Telemetry(provider, tracer)
