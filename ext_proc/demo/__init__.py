@@ -1,0 +1,120 @@
+"""Demo upstreams, an in-process OTLP receiver and a terminal trace-tree view.
+
+This package module holds the few helpers both demo services share: OTLP trace
+export configured from the standard ``OTEL_*`` variables, flat JSON log lines
+with trace correlation, and ``HOST:PORT`` parsing. Each service's ``main`` calls
+them once at start-up (the process entry point is the composition root).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from collections.abc import Mapping
+from datetime import UTC
+from typing import TYPE_CHECKING, Any, Final, TextIO
+
+from loguru import logger
+from opentelemetry import trace
+from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
+
+if TYPE_CHECKING:
+    from loguru import Message, Record
+
+#: The demo user directory shared by the HTTP and the gRPC service.
+SEED_USERS: Final = (
+    (1, "Ada Lovelace", "ada@example.com"),
+    (2, "Alan Turing", "alan@example.com"),
+    (3, "Grace Hopper", "grace@example.com"),
+)
+
+_LISTEN_RE: Final = re.compile(r"^\[?(?P<host>[^\[\]]*?)\]?:(?P<port>\d{1,5})$")
+_PROTOCOL_GRPC: Final = "grpc"
+_PROTOCOL_HTTP: Final = "http/protobuf"
+_UNKNOWN_SERVICE: Final = "unknown_service"
+
+
+def parse_listen(text: str) -> tuple[str, int] | None:
+    """``HOST:PORT`` (IPv6 in brackets) -> (host, port); None when malformed."""
+    match = _LISTEN_RE.match(text.strip())
+    if match is None or not match.group("host"):
+        return None
+    port = int(match.group("port"))
+    return (match.group("host"), port) if port <= 65535 else None
+
+
+def _exporter(environ: Mapping[str, str]) -> SpanExporter | None:
+    """The OTLP span exporter chosen by ``OTEL_TRACES_EXPORTER`` and the protocol vars."""
+    names = environ.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower()
+    if names in ("", "none") or "otlp" not in names.split(","):
+        return None
+    protocol = environ.get(
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "")
+    ).strip().lower() or _PROTOCOL_GRPC
+    if protocol == _PROTOCOL_HTTP:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+            OTLPSpanExporter as HttpSpanExporter,
+        )
+
+        return HttpSpanExporter()
+    if protocol != _PROTOCOL_GRPC:
+        logger.warning("unsupported OTLP protocol, using grpc", protocol=protocol)
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+    return OTLPSpanExporter()
+
+
+def build_tracer_provider(default_service: str, environ: Mapping[str, str]) -> TracerProvider:
+    """A tracer provider exporting over OTLP as the standard env vars say.
+
+    ``OTEL_SERVICE_NAME``/``OTEL_RESOURCE_ATTRIBUTES`` win over ``default_service``;
+    ``OTEL_TRACES_EXPORTER=none`` disables export; ``OTEL_BSP_*`` tune the batch
+    processor; the exporters read ``OTEL_EXPORTER_OTLP_*`` themselves.
+    """
+    resource = Resource.create()
+    if str(resource.attributes.get(SERVICE_NAME, "")).startswith(_UNKNOWN_SERVICE):
+        resource = resource.merge(Resource({SERVICE_NAME: default_service}))
+    provider = TracerProvider(resource=resource)
+    exporter = _exporter(environ)
+    if exporter is not None:
+        provider.add_span_processor(BatchSpanProcessor(exporter))
+    return provider
+
+
+def _correlate(record: Record) -> None:
+    """loguru patcher: stamp the current span's ids on every record."""
+    ctx = trace.get_current_span().get_span_context()
+    if ctx.is_valid:
+        record["extra"]["trace_id"] = format(ctx.trace_id, "032x")
+        record["extra"]["span_id"] = format(ctx.span_id, "016x")
+        record["extra"]["trace_flags"] = format(int(ctx.trace_flags), "02x")
+
+
+def format_log_line(record: Record) -> str:
+    """One flat JSON object: time, level, message, then every bound/extra field."""
+    line: dict[str, Any] = {
+        "time": record["time"].astimezone(UTC).isoformat(timespec="microseconds"),
+        "level": record["level"].name,
+        "message": record["message"],
+    }
+    for key, value in record["extra"].items():
+        line.setdefault(key, value)
+    if record["exception"] is not None:
+        line["exception"] = repr(record["exception"].value)
+    return json.dumps(line, default=str, separators=(",", ":"))
+
+
+def configure_logging(service: str, stream: TextIO | None = None) -> None:
+    """Send loguru output as flat JSON lines to ``stream`` (stdout), one per record."""
+    out = stream if stream is not None else sys.stdout
+
+    def sink(message: Message) -> None:
+        out.write(format_log_line(message.record) + "\n")
+        out.flush()
+
+    logger.remove()
+    logger.configure(extra={"service": service}, patcher=_correlate)
+    logger.add(sink, level="INFO", format="{message}", diagnose=False, backtrace=False)

@@ -1,0 +1,129 @@
+"""``make demo``: Envoy + sidecar + demo upstreams on loopback, traced end to end.
+
+Starts the stack of `ext_proc.devstack` (no Docker), sends a few HTTP and gRPC
+requests (with and without an incoming traceparent), then prints every trace
+as a tree next to the correlated log lines of the gateway and the services.
+Spans go to an embedded OTLP receiver, or to ``OTEL_EXPORTER_OTLP_ENDPOINT``
+when that is set. Stops by itself unless ``--keep-running``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from ext_proc._gen.demo.v1 import users_pb2, users_pb2_grpc
+from ext_proc.demo.receiver import OtlpReceiver
+from ext_proc.demo.tree import parse_log_line, render_traces
+from ext_proc.devstack import Proc, Stack
+
+CLIENT_TRACE = "0af7651916cd43dd8448eb211c80319c"
+CLIENT_SPAN = "b7ad6b7169203331"
+
+
+@dataclass(frozen=True)
+class Call:
+    label: str
+    path: str
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+HTTP_CALLS = (
+    Call("list users (new trace)", "/api/users"),
+    Call("one user, client sent a traceparent", "/api/users/2",
+         (("traceparent", f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"),)),
+    Call("unknown user (404 from the service)", "/api/users/999"),
+    Call("no route (404 from Envoy)", "/no/such/route"),
+    Call("upstream error (503)", "/status/503"),
+)
+
+
+def _http(stack: Stack, call: Call) -> int:
+    from urllib.error import HTTPError
+    from urllib.request import Request, urlopen
+
+    request = Request(stack.url(call.path), headers=dict(call.headers))
+    try:
+        with urlopen(request, timeout=10) as resp:
+            return int(resp.status)
+    except HTTPError as exc:
+        return exc.code
+
+
+def _grpc(stack: Stack) -> str:
+    with grpc.insecure_channel(stack.grpc_target) as channel:
+        stub = users_pb2_grpc.UsersStub(channel)
+        user = stub.GetUser(users_pb2.GetUserRequest(id=1), timeout=10)
+        return f"OK ({user.name})"
+
+
+def _log_lines(procs: list[Proc]) -> list[dict[str, Any]]:
+    lines = []
+    for proc in procs:
+        for raw in proc.output().splitlines():
+            parsed = parse_log_line(raw)
+            if parsed is not None and parsed.get("trace_id"):
+                parsed.setdefault("service", "gateway" if proc.name == "sidecar" else proc.name)
+                lines.append(parsed)
+    return lines
+
+
+def run(keep_running: bool) -> int:
+    external = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    receiver = None if external else OtlpReceiver()
+    endpoint = external or ""
+    if receiver is not None:
+        receiver.start()
+        endpoint = receiver.endpoint
+    with tempfile.TemporaryDirectory(prefix="extproc-demo-") as tmp:
+        stack = Stack(Path(tmp), endpoint)
+        print("starting Envoy, the extproc-otel sidecar and the demo services ...", flush=True)
+        with stack:
+            print(f"Envoy listening on {stack.base_url}  (admin :{stack.ports.admin})\n")
+            for call in HTTP_CALLS:
+                print(f"  GET {call.path:<18} {_http(stack, call)}  {call.label}")
+            print(f"  gRPC demo.v1.Users/GetUser  {_grpc(stack)}")
+            expected = len(HTTP_CALLS) + 1
+            if receiver is None:
+                print(f"\nspans exported to {external}; open your trace backend to see them.")
+            else:
+                def complete() -> bool:
+                    gateway = [s for s in receiver.spans()
+                               if s.resource.get("service.name") == "extproc-otel"]
+                    return len(gateway) >= expected and len(receiver.spans()) >= expected * 2
+                receiver.wait_for(complete, 15)
+                logs = _log_lines([stack.sidecar, stack.users, stack.grpc_demo])
+                traced = {s.trace_id for s in receiver.spans()
+                          if s.resource.get("service.name") == "extproc-otel"}
+                spans = [s for s in receiver.spans() if s.trace_id in traced]
+                print("\n" + render_traces(spans, logs, color=sys.stdout.isatty()))
+            if keep_running:
+                print(f"\nrunning; try: curl {stack.url('/api/users')}   (Ctrl-C to stop)")
+                try:
+                    threading.Event().wait()
+                except KeyboardInterrupt:
+                    pass
+        print("stopped cleanly.")
+    if receiver is not None:
+        receiver.stop()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="make demo", description=__doc__.split("\n")[0])
+    parser.add_argument("--keep-running", action="store_true",
+                        help="leave the stack up after the demo requests (Ctrl-C stops it)")
+    args = parser.parse_args(argv)
+    return run(args.keep_running)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
