@@ -64,11 +64,16 @@ _CONSOLE_FORMAT: Final = (
 )
 
 
+def install_correlation() -> None:
+    """Make every record carry the current span's trace_id/span_id."""
+    logger.configure(patcher=_correlate)
+
+
 def configure_logging(settings: LogSettings, stream: TextIO | None = None) -> None:
     """Replace loguru's handlers with ours; called once by the app at startup."""
     logger.remove()
     out = stream if stream is not None else sys.stdout
-    logger.configure(patcher=_correlate)
+    install_correlation()
     if settings.format == "json":
         logger.add(_JsonSink(out), level=settings.level, format="{message}",
                    backtrace=False, diagnose=False)
