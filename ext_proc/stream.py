@@ -12,31 +12,21 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
 from google.protobuf import struct_pb2
 from loguru import logger
-from opentelemetry.context import Context
 from opentelemetry.trace import Span, SpanContext, SpanKind, Status, StatusCode, Tracer
 from opentelemetry.trace.propagation import set_span_in_context
 
 from ext_proc import semconv as sc
 from ext_proc._gen.envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from ext_proc.envoy_attrs import EnvoyAttributes, response_flag_names
-from ext_proc.headers import Carrier, carrier_from_headers, first, header_mutation
+from ext_proc.headers import carrier_from_headers, first, header_mutation
 from ext_proc.request_info import RequestInfo, request_info
 from ext_proc.route_options import DEFAULT as DEFAULT_ROUTE_OPTIONS
 from ext_proc.route_options import RouteOptions
-
-
-class Propagator(Protocol):
-    """What the stream needs from `ext_proc.propagation.GatewayPropagator`."""
-
-    remove: tuple[str, ...]
-
-    def extract(self, carrier: Carrier) -> Context: ...
-    def inject(self, context: Context, out: dict[str, str]) -> None: ...
-    def response_headers(self, span_context: SpanContext) -> dict[str, str]: ...
+from ext_proc.seams import ExchangeRecord, Propagator, StreamObserver
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +38,7 @@ class StreamDeps:
     attributes_namespace: str
     metadata_namespace: str
     access_log: bool = True
+    observers: tuple[StreamObserver, ...] = ()
 
 
 _EMPTY: Final = {
@@ -167,7 +158,11 @@ class StreamSession:
         """Attach what the last answered message taught us to the span."""
         request, self._pending = self._pending, None
         span, facts = self.span, self._facts
-        if request is None or span is None or facts is None or not span.is_recording():
+        if request is None or span is None or facts is None:
+            return
+        for observer in self._deps.observers:
+            observer.stream_started(facts.method, facts.route)
+        if not span.is_recording():
             return
         try:
             span.set_attributes(facts.late_attributes(
@@ -193,24 +188,45 @@ class StreamSession:
         if span is None:
             return
         end_ns = time.time_ns()
+        error_type: str | None = None
         try:
-            self._finish(span)
+            error_type = self._finish(span)
         except Exception:
             logger.opt(exception=True).error("finishing span failed")
         finally:
             span.end(end_time=end_ns)
         if self._deps.access_log:
             self._access_line(span, end_ns)
+        if self._deps.observers:
+            self._notify(span, end_ns, error_type)
         self.span = None
         self._facts = None
         self._response_attrs = None
 
-    def _finish(self, span: Span) -> None:
+    def _notify(self, span: Span, end_ns: int, error_type: str | None) -> None:
+        facts = self._facts
+        record = ExchangeRecord(
+            method=facts.method if facts else None,
+            route=facts.route if facts else None,
+            status=self._status,
+            error_type=error_type,
+            duration_s=(end_ns - self._start_ns) / 1e9,
+            span_context=span.get_span_context(),
+            grpc_status=self._grpc_status,
+        )
+        for observer in self._deps.observers:
+            try:
+                observer.stream_finished(record)
+            except Exception:
+                logger.opt(exception=True).error("stream observer failed")
+
+    def _finish(self, span: Span) -> str | None:
+        """Final attributes and status; returns the error.type recorded, if any."""
         status = self._status
         if status is None:
             span.set_attribute(sc.ERROR_TYPE, sc.ERROR_CLIENT_ABORTED)
             span.set_status(Status(StatusCode.ERROR, "stream ended before the response"))
-            return
+            return sc.ERROR_CLIENT_ABORTED
         attrs: dict[str, Any] = {}
         if status:
             attrs[sc.HTTP_RESPONSE_STATUS_CODE] = status
@@ -226,10 +242,12 @@ class StreamSession:
             attempts = envoy.integer(sc.EnvoyAttr.UPSTREAM_ATTEMPTS)
             if attempts is not None:
                 attrs[sc.ENVOY_UPSTREAM_ATTEMPTS] = attempts
+        error_type = None
         if status >= 500:
-            attrs[sc.ERROR_TYPE] = str(status)
+            error_type = attrs[sc.ERROR_TYPE] = str(status)
             span.set_status(Status(StatusCode.ERROR))
         span.set_attributes(attrs)
+        return error_type
 
     def _access_line(self, span: Span, end_ns: int) -> None:
         ctx = span.get_span_context()

@@ -1,0 +1,42 @@
+"""The interfaces the stream depends on, so features plug in without touching it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from opentelemetry.context import Context
+from opentelemetry.trace import SpanContext
+
+from ext_proc.headers import Carrier
+
+
+class Propagator(Protocol):
+    """What the stream needs from `ext_proc.propagation.GatewayPropagator`."""
+
+    remove: tuple[str, ...]
+
+    def extract(self, carrier: Carrier) -> Context: ...
+    def inject(self, context: Context, out: dict[str, str]) -> None: ...
+    def response_headers(self, span_context: SpanContext) -> dict[str, str]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ExchangeRecord:
+    """One finished exchange, as observers (metrics, ...) see it."""
+
+    method: str | None
+    route: str | None
+    status: int | None  # None: the stream ended before any response
+    error_type: str | None
+    duration_s: float
+    span_context: SpanContext
+    grpc_status: str | None = None
+    tenant: str | None = None
+
+
+class StreamObserver(Protocol):
+    """Told about every exchange, after Envoy has its answers (never on the hot path)."""
+
+    def stream_started(self, method: str | None, route: str | None) -> None: ...
+    def stream_finished(self, record: ExchangeRecord) -> None: ...
