@@ -34,9 +34,10 @@ class Sidecar:
     port: int = 0
 
     async def start(self) -> int:
-        self.port = self.server.add_insecure_port(self.settings.server.listen)
-        if self.port == 0:
-            raise OSError(f"cannot listen on {self.settings.server.listen}")
+        try:
+            self.port = self.server.add_insecure_port(self.settings.server.listen)
+        except RuntimeError as exc:  # grpc reports bind failures this way
+            raise OSError(f"cannot listen on {self.settings.server.listen}") from exc
         await self.server.start()
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)

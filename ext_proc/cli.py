@@ -58,8 +58,14 @@ def serve(config_file: Path | None, listen: str | None, log_format: str | None,
         server={"listen": listen},
         log={"format": log_format, "level": log_level.upper() if log_level else None},
     ))
+    from ext_proc.telemetry import TelemetryConfigError
+
     configure_logging(settings.log)
-    asyncio.run(run_server(settings))
+    try:
+        asyncio.run(run_server(settings))
+    except (TelemetryConfigError, OSError) as exc:
+        click.echo(f"cannot start: {exc}", err=True)
+        sys.exit(2)
 
 
 @main.command("check-config")
@@ -68,3 +74,22 @@ def check_config(config_file: Path | None) -> None:
     """Print the effective configuration (secrets masked); exit 2 when invalid."""
     settings = _load(config_file, {})
     click.echo(json.dumps(settings.model_dump(mode="json"), indent=2))
+
+
+@main.command("envoy-config")
+@_config_option
+@click.option("--format", "fmt", type=click.Choice(["bootstrap", "snippet", "istio",
+                                                     "envoy-gateway"]),
+              default="snippet", show_default=True, help="What to print.")
+@click.option("--sidecar-address", default=None,
+              help="HOST:PORT Envoy dials (default: server.listen, wildcard -> 127.0.0.1).")
+@click.option("--istio-context", type=click.Choice(["gateway", "sidecar"]), default="gateway",
+              show_default=True, help="Istio variant: ingress gateway or app sidecar.")
+def envoy_config(config_file: Path | None, fmt: str, sidecar_address: str | None,
+                 istio_context: str) -> None:
+    """Print the Envoy ext_proc filter + cluster for the current settings."""
+    from ext_proc.envoy_config import options_for, render
+
+    settings = _load(config_file, _overrides(server={"listen": sidecar_address}))
+    click.echo(render(fmt, settings, options_for(settings, istio_context=istio_context)),  # type: ignore[arg-type]
+               nl=False)

@@ -21,6 +21,7 @@ from ext_proc._gen.envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 Carrier = dict[str, list[str]]
 
 _OVERWRITE: Final = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+_APPEND: Final = base_pb2.HeaderValueOption.APPEND_IF_EXISTS_OR_ADD
 
 
 def carrier_from_headers(header_map: base_pb2.HeaderMap) -> Carrier:
@@ -65,13 +66,15 @@ DICT_SETTER: Final = DictSetter()
 
 
 def header_mutation(
-    set_headers: Mapping[str, str], remove: Iterable[str] = ()
+    set_headers: Mapping[str, str], remove: Iterable[str] = (),
+    append: frozenset[str] = frozenset(),
 ) -> pb.HeaderMutation:
-    """A mutation that overwrites (never appends) each header, values in ``raw_value``."""
+    """Set each header in ``raw_value``, replacing any value (or appending, for names in
+    `append`), and remove the `remove` names."""
     mutation = pb.HeaderMutation(remove_headers=list(remove))
     for key, value in set_headers.items():
         option = mutation.set_headers.add()
         option.header.key = key
         option.header.raw_value = value.encode("utf-8")
-        option.append_action = _OVERWRITE
+        option.append_action = _APPEND if key in append else _OVERWRITE
     return mutation

@@ -117,7 +117,7 @@ class StreamSession:
         self._pending = request
         return pb.ProcessingResponse(
             request_headers=pb.HeadersResponse(response=pb.CommonResponse(
-                header_mutation=header_mutation(out, deps.propagator.remove),
+                header_mutation=header_mutation(out, deps.propagator.removals(carrier, out)),
             )),
             dynamic_metadata=self._trace_metadata(span.get_span_context()),
         )
@@ -141,7 +141,7 @@ class StreamSession:
         if not extra:
             return empty_response("response_headers")
         return pb.ProcessingResponse(response_headers=pb.HeadersResponse(
-            response=pb.CommonResponse(header_mutation=header_mutation(extra))
+            response=pb.CommonResponse(header_mutation=header_mutation(extra, append=_APPENDED))
         ))
 
     def _trace_metadata(self, ctx: SpanContext) -> struct_pb2.Struct:
@@ -263,6 +263,9 @@ class StreamSession:
             request_id=facts.request_id if facts else None,
         ).info("access")
 
+
+# Response headers we add to rather than replace (the upstream's own timings stay).
+_APPENDED: Final = frozenset({"server-timing"})
 
 _RESPONSE_STRINGS: Final = (
     (sc.ENVOY_RESPONSE_CODE_DETAILS, sc.EnvoyAttr.RESPONSE_CODE_DETAILS),

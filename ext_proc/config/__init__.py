@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import yaml
 from pydantic import ValidationError
 from pydantic_settings import (
     BaseSettings,
@@ -21,14 +22,18 @@ from pydantic_settings import (
 
 from ext_proc.config.core import LogSettings, ServerSettings, StreamSettings
 from ext_proc.config.propagation import PropagationSettings
+from ext_proc.config.telemetry import AdminSettings, MetricsSettings, OtlpLogsSettings
 
 ENV_PREFIX = "EXTPROC_"
 ENV_DELIMITER = "__"
 
 __all__ = [
     "ENV_PREFIX",
+    "AdminSettings",
     "ConfigError",
     "LogSettings",
+    "MetricsSettings",
+    "OtlpLogsSettings",
     "PropagationSettings",
     "ServerSettings",
     "Settings",
@@ -52,6 +57,9 @@ class Settings(BaseSettings):
     log: LogSettings = LogSettings()
     stream: StreamSettings = StreamSettings()
     propagation: PropagationSettings = PropagationSettings()
+    metrics: MetricsSettings = MetricsSettings()
+    admin: AdminSettings = AdminSettings()
+    otlp_logs: OtlpLogsSettings = OtlpLogsSettings()
 
     @classmethod
     def settings_customise_sources(
@@ -100,5 +108,5 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
         return cls(**overrides)
     except ValidationError as exc:
         raise ConfigError(describe_validation_error(exc)) from None
-    except (OSError, ValueError) as exc:  # unreadable or unparsable YAML
+    except (OSError, ValueError, TypeError, yaml.YAMLError) as exc:  # unreadable or unparsable YAML
         raise ConfigError(f"config file {config_file}: {exc}") from None

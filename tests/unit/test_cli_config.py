@@ -1,0 +1,90 @@
+"""CLI and configuration: precedence, check-config, clear errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from ext_proc.cli import main
+from ext_proc.config import ConfigError, load_settings
+from ext_proc.config.core import is_loopback, split_host_port
+
+
+def test_defaults_listen_on_loopback() -> None:
+    settings = load_settings()
+    assert settings.server.listen == "127.0.0.1:50051"
+    assert is_loopback(split_host_port(settings.server.listen)[0])
+
+
+def test_precedence_init_over_env_over_yaml(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("server:\n  listen: 127.0.0.1:1111\n  grace_s: 3\nlog:\n  level: DEBUG\n")
+    assert load_settings(config).server.listen == "127.0.0.1:1111"
+    monkeypatch.setenv("EXTPROC_SERVER__LISTEN", "127.0.0.1:2222")
+    settings = load_settings(config)
+    assert settings.server.listen == "127.0.0.1:2222"
+    assert settings.server.grace_s == 3  # the rest of the file still applies
+    assert settings.log.level == "DEBUG"
+    assert load_settings(config, server={"listen": "127.0.0.1:3333"}).server.listen \
+        == "127.0.0.1:3333"
+
+
+@pytest.mark.parametrize(("yaml_text", "needle"), [
+    ("server:\n  listen: nowhere\n", "server.listen (env EXTPROC_SERVER__LISTEN)"),
+    ("server:\n  grace_s: -1\n", "server.grace_s"),
+    ("server:\n  bogus: 1\n", "server.bogus"),
+    ("log:\n  format: xml\n", "log.format"),
+])
+def test_bad_config_names_the_key(tmp_path: Path, yaml_text: str, needle: str) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text(yaml_text)
+    with pytest.raises(ConfigError) as err:
+        load_settings(config)
+    assert needle in str(err.value)
+
+
+def test_unparsable_and_missing_files_are_clear_errors(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("server: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml"):
+        load_settings(bad)
+    with pytest.raises(ConfigError, match="not a readable file"):
+        load_settings(tmp_path / "missing.yaml")
+
+
+def test_check_config_prints_the_effective_config(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("server:\n  listen: 127.0.0.1:7777\n")
+    result = CliRunner().invoke(main, ["check-config", "--config", str(config)],
+                                env={"EXTPROC_LOG__LEVEL": "WARNING"})
+    assert result.exit_code == 0, result.output
+    shown = json.loads(result.output)
+    assert shown["server"]["listen"] == "127.0.0.1:7777"
+    assert shown["log"]["level"] == "WARNING"
+
+
+def test_check_config_exits_non_zero_naming_the_key(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("server:\n  listen: localhost\n")
+    result = CliRunner().invoke(main, ["check-config", "--config", str(config)])
+    assert result.exit_code == 2
+    assert "server.listen" in result.output and "HOST:PORT" in result.output
+
+
+def test_module_entry_point_runs() -> None:
+    out = subprocess.run([sys.executable, "-m", "ext_proc", "--help"], capture_output=True,
+                         text=True, timeout=60, check=True).stdout
+    assert "serve" in out and "check-config" in out
+
+
+def test_serve_refuses_an_address_it_cannot_bind() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "ext_proc", "serve", "--listen", "203.0.113.1:1"],
+        capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
