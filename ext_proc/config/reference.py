@@ -1,0 +1,68 @@
+"""The configuration reference (README), generated from the settings models."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic.fields import FieldInfo
+
+from ext_proc.config import ENV_PREFIX, Settings
+
+
+def _model_of(field: FieldInfo) -> type[BaseModel] | None:
+    annotation = field.annotation
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return None
+
+
+def settings_fields(
+    model: type[BaseModel] = Settings, path: tuple[str, ...] = ()
+) -> Iterator[tuple[tuple[str, ...], FieldInfo]]:
+    """Every leaf setting as (path, field), in declaration order."""
+    for name, field in model.model_fields.items():
+        nested = _model_of(field)
+        if nested is not None:
+            yield from settings_fields(nested, (*path, name))
+        else:
+            yield (*path, name), field
+
+
+def _default(field: FieldInfo) -> str:
+    value: Any = field.get_default(call_default_factory=True)
+    if isinstance(value, tuple):
+        value = ", ".join(str(v) for v in value) or "(none)"
+    if isinstance(value, BaseModel):
+        value = value.model_dump(mode="json")
+    return "`" + str(value).replace("|", "\\|") + "`" if value not in (None, "") else "unset"
+
+
+def markdown_reference() -> str:
+    lines = ["| YAML key | environment variable | default | meaning |",
+             "|---|---|---|---|"]
+    for path, field in settings_fields():
+        env = ENV_PREFIX + "__".join(part.upper() for part in path)
+        text = (field.description or "").replace("|", "\\|").replace("\n", " ")
+        lines.append(f"| `{'.'.join(path)}` | `{env}` | {_default(field)} | {text} |")
+    return "\n".join(lines)
+
+
+START = "<!-- config-reference:start -->"
+END = "<!-- config-reference:end -->"
+
+
+def update_readme(text: str) -> str:
+    """`text` with the block between the reference markers regenerated."""
+    head, _, rest = text.partition(START)
+    _, _, tail = rest.partition(END)
+    return f"{head}{START}\n{markdown_reference()}\n{END}{tail}"
+
+
+if __name__ == "__main__":
+    import sys
+    from pathlib import Path
+
+    readme = Path(sys.argv[1] if len(sys.argv) > 1 else "README.md")
+    readme.write_text(update_readme(readme.read_text()))
