@@ -14,7 +14,9 @@ from loguru import logger
 import ext_proc
 from ext_proc._gen.envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from ext_proc.config import Settings
-from ext_proc.propagation import Rejections, build_propagator
+from ext_proc.metrics.wiring import Observability, build_observability
+from ext_proc.propagation import PropagatorCache, Rejections
+from ext_proc.route_options import RouteOptionsCache
 from ext_proc.servicer import ExternalProcessor
 from ext_proc.stream import StreamDeps
 from ext_proc.telemetry import Telemetry, build_telemetry
@@ -31,7 +33,11 @@ class Sidecar:
     processor: ExternalProcessor
     health: health.aio.HealthServicer
     server: grpc.aio.Server
+    rejections: Rejections
     port: int = 0
+    observability: Observability | None = None
+    serving: bool = False  # /readyz: the gRPC server serves and is not shutting down
+    admin_port: int | None = None
 
     async def start(self) -> int:
         try:
@@ -41,28 +47,40 @@ class Sidecar:
         await self.server.start()
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.serving = True
+        if self.observability is not None:
+            self.admin_port = await self.observability.start(lambda: self.serving)
         return self.port
 
     async def stop(self) -> None:
         grace = self.settings.server.grace_s
         logger.info("stopping", grace_s=grace, active_streams=len(self.processor.active))
+        self.serving = False
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
         self.telemetry.shutdown()
+        if self.observability is not None:
+            await self.observability.stop()
         logger.info("stopped")
 
 
 def build_sidecar(settings: Settings, telemetry: Telemetry | None = None) -> Sidecar:
-    telemetry = telemetry or build_telemetry()
-    propagator = build_propagator(settings.propagation, Rejections())
+    observability = build_observability(settings)
+    telemetry = telemetry or build_telemetry(span_stats=observability.span_stats)
+    rejections = Rejections()
+    propagators = PropagatorCache(rejections)
     deps = StreamDeps(
         tracer=telemetry.tracer,
-        propagator=propagator,
+        propagator=propagators.get(settings.propagation),
+        propagators=propagators,
         attributes_namespace=settings.stream.attributes_namespace,
         metadata_namespace=settings.stream.metadata_namespace,
         access_log=settings.log.access_log,
+        observers=observability.observers,
     )
-    processor = ExternalProcessor(deps)
+    processor = ExternalProcessor(deps, RouteOptionsCache(settings.propagation),
+                                  phase_timer=observability.phase_timer)
+    observability.watch(lambda: len(processor.active), rejections.snapshot)
     server = grpc.aio.server(options=[
         ("grpc.max_concurrent_streams", settings.server.max_concurrent_streams),
         ("grpc.so_reuseport", 0),
@@ -70,7 +88,8 @@ def build_sidecar(settings: Settings, telemetry: Telemetry | None = None) -> Sid
     pb_grpc.add_ExternalProcessorServicer_to_server(processor, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    return Sidecar(settings, telemetry, processor, health_servicer, server)
+    return Sidecar(settings, telemetry, processor, health_servicer, server, rejections,
+                   observability=observability)
 
 
 class _SignalCatcher:

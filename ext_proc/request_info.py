@@ -22,9 +22,18 @@ class RequestInfo:
     user_agent: str | None
     request_id: str | None
     route: str | None = None  # route template (http.route) when Envoy's config names one
+    rpc_service: str | None = None  # set for gRPC requests (content-type application/grpc)
+    rpc_method: str | None = None
+    extra: tuple[tuple[str, str], ...] = ()  # static attributes from the route's options
+
+    @property
+    def is_grpc(self) -> bool:
+        return self.rpc_service is not None
 
     @property
     def span_name(self) -> str:
+        if self.rpc_service is not None:
+            return f"{self.rpc_service}/{self.rpc_method}"
         method = "HTTP" if self.method == sc.OTHER_METHOD else self.method
         return f"{method} {self.route}" if self.route else method
 
@@ -40,6 +49,12 @@ class RequestInfo:
             attrs[sc.URL_SCHEME] = self.scheme
         if self.query is not None:
             attrs[sc.URL_QUERY] = self.query
+        if self.rpc_service is not None:
+            attrs[sc.RPC_SYSTEM] = "grpc"
+            attrs[sc.RPC_SERVICE] = self.rpc_service
+            attrs[sc.RPC_METHOD] = self.rpc_method
+        for key, value in self.extra:
+            attrs.setdefault(key, value)
         if self.authority:
             host, port = split_authority(self.authority)
             attrs[sc.SERVER_ADDRESS] = host
@@ -100,11 +115,23 @@ def split_authority(authority: str) -> tuple[str, int | None]:
     return host, int(port_text) if port_text.isdigit() and len(port_text) <= 5 else None
 
 
-def request_info(carrier: Carrier, route: str | None = None) -> RequestInfo:
+def grpc_method(path: str) -> tuple[str, str] | None:
+    """``/package.Service/Method`` -> (``package.Service``, ``Method``)."""
+    service, sep, method = path[1:].partition("/")
+    if not path.startswith("/") or not sep or not service or not method or "/" in method:
+        return None
+    return service, method
+
+
+def request_info(carrier: Carrier, route: str | None = None,
+                 extra: tuple[tuple[str, str], ...] = ()) -> RequestInfo:
     original = first(carrier, ":method") or ""
     method = original if original in sc.KNOWN_METHODS else sc.OTHER_METHOD
     target = first(carrier, ":path") or ""
     path, sep, query = target.partition("?")
+    rpc = None
+    if (first(carrier, "content-type") or "").startswith("application/grpc"):
+        rpc = grpc_method(path)
     return RequestInfo(
         method=method,
         method_original=original,
@@ -115,4 +142,7 @@ def request_info(carrier: Carrier, route: str | None = None) -> RequestInfo:
         user_agent=first(carrier, "user-agent"),
         request_id=first(carrier, "x-request-id"),
         route=route,
+        rpc_service=rpc[0] if rpc else None,
+        rpc_method=rpc[1] if rpc else None,
+        extra=extra,
     )

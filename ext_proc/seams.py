@@ -8,6 +8,7 @@ from typing import Protocol
 from opentelemetry.context import Context
 from opentelemetry.trace import SpanContext
 
+from ext_proc.config.propagation import PropagationSettings
 from ext_proc.headers import Carrier
 
 
@@ -18,6 +19,12 @@ class Propagator(Protocol):
     def removals(self, carrier: Carrier, out: dict[str, str]) -> tuple[str, ...]: ...
     def inject(self, context: Context, out: dict[str, str]) -> None: ...
     def response_headers(self, span_context: SpanContext) -> dict[str, str]: ...
+
+
+class PropagatorSource(Protocol):
+    """Propagators for per-route settings (`ext_proc.propagation.PropagatorCache`)."""
+
+    def get(self, settings: PropagationSettings) -> Propagator: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +39,7 @@ class ExchangeRecord:
     span_context: SpanContext
     grpc_status: str | None = None
     tenant: str | None = None
+    started: bool = True  # False: no request_headers were seen (stream_started not called)
 
 
 class StreamObserver(Protocol):

@@ -33,6 +33,12 @@ USER_AGENT_ORIGINAL: Final = user_agent_attributes.USER_AGENT_ORIGINAL
 NETWORK_PROTOCOL_VERSION: Final = network_attributes.NETWORK_PROTOCOL_VERSION
 ERROR_TYPE: Final = error_attributes.ERROR_TYPE
 
+# RPC conventions, as issue #4 names them (rpc.system=grpc, rpc.grpc.status_code).
+RPC_SYSTEM: Final = "rpc.system"
+RPC_SERVICE: Final = "rpc.service"
+RPC_METHOD: Final = "rpc.method"
+RPC_GRPC_STATUS_CODE: Final = "rpc.grpc.status_code"
+
 ENVOY_REQUEST_ID: Final = "envoy.request_id"
 ENVOY_ROUTE_NAME: Final = "envoy.route_name"
 ENVOY_CLUSTER_NAME: Final = "envoy.cluster_name"

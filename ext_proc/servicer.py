@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 from loguru import logger
@@ -11,15 +12,18 @@ from opentelemetry.trace.propagation import set_span_in_context
 
 from ext_proc._gen.envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from ext_proc._gen.envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
-from ext_proc.route_options import route_options
+from ext_proc.route_options import RouteOptionsCache
 from ext_proc.stream import StreamDeps, StreamSession
 
 
 class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
     """Answers Envoy first, records after, ends every span exactly once."""
 
-    def __init__(self, deps: StreamDeps) -> None:
+    def __init__(self, deps: StreamDeps, route_options: RouteOptionsCache,
+                 phase_timer: Callable[[str | None, int], None] | None = None) -> None:
         self._deps = deps
+        self._phase_timer = phase_timer  # (phase, ns spent answering), called after the answer
+        self._route_options = route_options
         self.active: set[StreamSession] = set()  # live streams, for shutdown and tests
 
     async def Process(  # noqa: N802 - the generated gRPC method name
@@ -27,14 +31,19 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         request_iterator: AsyncIterator[pb.ProcessingRequest],
         context: grpc.aio.ServicerContext[pb.ProcessingRequest, pb.ProcessingResponse],
     ) -> AsyncIterator[pb.ProcessingResponse]:
-        session = StreamSession(self._deps, route_options(context.invocation_metadata()))
+        session = StreamSession(self._deps,
+                                self._route_options.get(context.invocation_metadata()))
         self.active.add(session)
         correlated = False
         try:
             async for request in request_iterator:
+                started = time.perf_counter_ns()
                 response = session.handle(request)
+                elapsed = time.perf_counter_ns() - started
                 if not request.observability_mode:
                     yield response
+                if self._phase_timer is not None:
+                    self._phase_timer(request.WhichOneof("request"), elapsed)
                 if not correlated and session.span is not None:
                     # This RPC runs in its own task, so the span stays current for
                     # every later log line of this stream and no other.

@@ -12,21 +12,22 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Final
 
 from google.protobuf import struct_pb2
 from loguru import logger
-from opentelemetry.trace import Span, SpanContext, SpanKind, Status, StatusCode, Tracer
+from opentelemetry.trace import Span, SpanContext, SpanKind, StatusCode, Tracer
 from opentelemetry.trace.propagation import set_span_in_context
 
 from ext_proc import semconv as sc
 from ext_proc._gen.envoy.service.ext_proc.v3 import external_processor_pb2 as pb
-from ext_proc.envoy_attrs import EnvoyAttributes, response_flag_names
+from ext_proc.envoy_attrs import EnvoyAttributes
 from ext_proc.headers import carrier_from_headers, first, header_mutation
+from ext_proc.outcome import aborted, outcome
 from ext_proc.request_info import RequestInfo, request_info
 from ext_proc.route_options import DEFAULT as DEFAULT_ROUTE_OPTIONS
 from ext_proc.route_options import RouteOptions
-from ext_proc.seams import ExchangeRecord, Propagator, StreamObserver
+from ext_proc.seams import ExchangeRecord, Propagator, PropagatorSource, StreamObserver
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +40,7 @@ class StreamDeps:
     metadata_namespace: str
     access_log: bool = True
     observers: tuple[StreamObserver, ...] = ()
+    propagators: PropagatorSource | None = None  # for routes that override propagation
 
 
 _EMPTY: Final = {
@@ -60,13 +62,17 @@ class StreamSession:
     """State of one exchange: small, and released when the stream ends."""
 
     __slots__ = (
-        "_closed", "_deps", "_facts", "_grpc_status", "_options", "_pending", "_response_attrs",
-        "_start_ns", "_status", "span",
+        "_closed", "_deps", "_facts", "_grpc_status", "_options", "_pending", "_propagator",
+        "_response_attrs", "_start_ns", "_started", "_status", "span",
     )
 
     def __init__(self, deps: StreamDeps, options: RouteOptions = DEFAULT_ROUTE_OPTIONS) -> None:
         self._deps = deps
         self._options = options
+        self._propagator = deps.propagator
+        if options.propagation is not None and deps.propagators is not None:
+            self._propagator = deps.propagators.get(options.propagation)
+        self._started = False
         self.span: Span | None = None
         self._facts: RequestInfo | None = None
         self._start_ns = 0
@@ -85,6 +91,8 @@ class StreamSession:
     def handle(self, request: pb.ProcessingRequest) -> pb.ProcessingResponse:
         """Answer one message. Never raises: a failure yields the phase's no-op answer."""
         phase = request.WhichOneof("request")
+        if not self._options.tracing:
+            return empty_response(phase)
         try:
             if phase == "request_headers":
                 return self._on_request_headers(request)
@@ -106,18 +114,20 @@ class StreamSession:
         carrier = carrier_from_headers(request.request_headers.headers)
         attrs = EnvoyAttributes.of(request.attributes, deps.attributes_namespace)
         self._start_ns = attrs.time_ns(sc.EnvoyAttr.REQUEST_TIME) or time.time_ns()
-        facts = self._facts = request_info(carrier, self._options.http_route)
-        parent = deps.propagator.extract(carrier)
+        facts = self._facts = request_info(carrier, self._options.http_route,
+                                           self._options.attributes)
+        propagator = self._propagator
+        parent = propagator.extract(carrier)
         span = self.span = deps.tracer.start_span(
             facts.span_name, context=parent, kind=SpanKind.SERVER,
             attributes=facts.start_attributes, start_time=self._start_ns,
         )
         out: dict[str, str] = {}
-        deps.propagator.inject(set_span_in_context(span, parent), out)
+        propagator.inject(set_span_in_context(span, parent), out)
         self._pending = request
         return pb.ProcessingResponse(
             request_headers=pb.HeadersResponse(response=pb.CommonResponse(
-                header_mutation=header_mutation(out, deps.propagator.removals(carrier, out)),
+                header_mutation=header_mutation(out, propagator.removals(carrier, out)),
             )),
             dynamic_metadata=self._trace_metadata(span.get_span_context()),
         )
@@ -137,7 +147,7 @@ class StreamSession:
             self.span = self._deps.tracer.start_span(
                 "HTTP", kind=SpanKind.SERVER, start_time=self._start_ns
             )
-        extra = self._deps.propagator.response_headers(self.span.get_span_context())
+        extra = self._propagator.response_headers(self.span.get_span_context())
         if not extra:
             return empty_response("response_headers")
         return pb.ProcessingResponse(response_headers=pb.HeadersResponse(
@@ -160,8 +170,10 @@ class StreamSession:
         span, facts = self.span, self._facts
         if request is None or span is None or facts is None:
             return
-        for observer in self._deps.observers:
-            observer.stream_started(facts.method, facts.route)
+        if not self._started:
+            self._started = True
+            for observer in self._deps.observers:
+                observer.stream_started(facts.method, facts.route)
         if not span.is_recording():
             return
         try:
@@ -213,6 +225,7 @@ class StreamSession:
             duration_s=(end_ns - self._start_ns) / 1e9,
             span_context=span.get_span_context(),
             grpc_status=self._grpc_status,
+            started=self._started,
         )
         for observer in self._deps.observers:
             try:
@@ -222,32 +235,16 @@ class StreamSession:
 
     def _finish(self, span: Span) -> str | None:
         """Final attributes and status; returns the error.type recorded, if any."""
-        status = self._status
-        if status is None:
-            span.set_attribute(sc.ERROR_TYPE, sc.ERROR_CLIENT_ABORTED)
-            span.set_status(Status(StatusCode.ERROR, "stream ended before the response"))
-            return sc.ERROR_CLIENT_ABORTED
-        attrs: dict[str, Any] = {}
-        if status:
-            attrs[sc.HTTP_RESPONSE_STATUS_CODE] = status
-        envoy = self._response_attrs
-        if envoy:
-            flags = envoy.integer(sc.EnvoyAttr.RESPONSE_FLAGS)
-            if flags:
-                attrs[sc.ENVOY_RESPONSE_FLAGS] = response_flag_names(flags)
-            for key, name in _RESPONSE_STRINGS:
-                value = envoy.string(name)
-                if value:
-                    attrs[key] = value
-            attempts = envoy.integer(sc.EnvoyAttr.UPSTREAM_ATTEMPTS)
-            if attempts is not None:
-                attrs[sc.ENVOY_UPSTREAM_ATTEMPTS] = attempts
-        error_type = None
-        if status >= 500:
-            error_type = attrs[sc.ERROR_TYPE] = str(status)
-            span.set_status(Status(StatusCode.ERROR))
-        span.set_attributes(attrs)
-        return error_type
+        if self._status is None:
+            result = aborted()
+        else:
+            facts = self._facts
+            result = outcome(self._status, self._grpc_status, bool(facts and facts.is_grpc),
+                             self._response_attrs)
+        span.set_attributes(result.attributes)
+        if result.status.status_code is not StatusCode.UNSET:
+            span.set_status(result.status)
+        return result.error_type
 
     def _access_line(self, span: Span, end_ns: int) -> None:
         ctx = span.get_span_context()
@@ -266,9 +263,3 @@ class StreamSession:
 
 # Response headers we add to rather than replace (the upstream's own timings stay).
 _APPENDED: Final = frozenset({"server-timing"})
-
-_RESPONSE_STRINGS: Final = (
-    (sc.ENVOY_RESPONSE_CODE_DETAILS, sc.EnvoyAttr.RESPONSE_CODE_DETAILS),
-    (sc.ENVOY_UPSTREAM_ADDRESS, sc.EnvoyAttr.UPSTREAM_ADDRESS),
-    (sc.ENVOY_UPSTREAM_FAILURE, sc.EnvoyAttr.UPSTREAM_FAILURE),
-)
