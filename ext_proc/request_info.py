@@ -39,7 +39,8 @@ class RequestInfo:
 
     @property
     def start_attributes(self) -> dict[str, Any]:
-        """Attributes known before the span starts (the sampler sees these)."""
+        """Attributes known before the span starts (the sampler sees these). The query
+        is recorded later, redacted."""
         attrs: dict[str, Any] = {sc.HTTP_REQUEST_METHOD: self.method, sc.URL_PATH: self.path}
         if self.method != self.method_original:
             attrs[sc.HTTP_REQUEST_METHOD_ORIGINAL] = self.method_original
@@ -47,8 +48,6 @@ class RequestInfo:
             attrs[sc.HTTP_ROUTE] = self.route
         if self.scheme:
             attrs[sc.URL_SCHEME] = self.scheme
-        if self.query is not None:
-            attrs[sc.URL_QUERY] = self.query
         if self.rpc_service is not None:
             attrs[sc.RPC_SYSTEM] = "grpc"
             attrs[sc.RPC_SERVICE] = self.rpc_service

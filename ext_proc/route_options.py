@@ -12,6 +12,8 @@ metadata on that route's streams. Keys we read start with ``x-extproc-otel-``:
 ``x-extproc-otel-inject``        comma list of formats to write (as ``propagation.inject``)
 ``x-extproc-otel-clear``         comma list of extra headers to remove upstream
 ``x-extproc-otel-sample-ratio``  head-sampling ratio for this route, 0..1
+``x-extproc-otel-<key>``         any other key: route metadata, e.g. ``tenant`` for
+                                 ``tenants.route_metadata_key: tenant``
 ===============================  ==============================================
 
 A bad value is ignored (logged at debug, rate-limited by the cache: each
@@ -53,6 +55,13 @@ class RouteOptions:
     attributes: tuple[tuple[str, str], ...] = ()
     propagation: PropagationSettings | None = None  # None: the sidecar's own settings
     sample_ratio: float | None = None
+    items: tuple[tuple[str, str], ...] = ()  # every x-extproc-otel-* entry, as sent
+
+    @property
+    def metadata_map(self) -> dict[str, str]:
+        """Our entries without the prefix (``x-extproc-otel-tenant`` -> ``tenant``), for
+        settings that name a route-metadata key (tenants.route_metadata_key)."""
+        return {key[len(PREFIX):]: value for key, value in self.items}
 
 
 DEFAULT: Final = RouteOptions()
@@ -105,7 +114,7 @@ def parse_route_options(
             propagation = base.model_validate({**base.model_dump(), **overrides})
         except ValidationError as exc:
             logger.debug("route propagation override ignored", reason=str(exc.errors()[0]["msg"]))
-    return RouteOptions(http_route, tracing, tuple(attributes), propagation, ratio)
+    return RouteOptions(http_route, tracing, tuple(attributes), propagation, ratio, items)
 
 
 class RouteOptionsCache:

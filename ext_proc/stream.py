@@ -22,8 +22,9 @@ from opentelemetry.trace.propagation import set_span_in_context
 from ext_proc import semconv as sc
 from ext_proc._gen.envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from ext_proc.envoy_attrs import EnvoyAttributes
-from ext_proc.headers import carrier_from_headers, first, header_mutation
+from ext_proc.headers import Carrier, carrier_from_headers, first, header_mutation
 from ext_proc.outcome import aborted, outcome
+from ext_proc.policy import TENANT_ID, RequestPolicy
 from ext_proc.request_info import RequestInfo, request_info
 from ext_proc.route_options import DEFAULT as DEFAULT_ROUTE_OPTIONS
 from ext_proc.route_options import RouteOptions
@@ -41,6 +42,7 @@ class StreamDeps:
     access_log: bool = True
     observers: tuple[StreamObserver, ...] = ()
     propagators: PropagatorSource | None = None  # for routes that override propagation
+    policy: RequestPolicy | None = None  # tenants, sampling, redaction
 
 
 _EMPTY: Final = {
@@ -62,8 +64,8 @@ class StreamSession:
     """State of one exchange: small, and released when the stream ends."""
 
     __slots__ = (
-        "_closed", "_deps", "_facts", "_grpc_status", "_options", "_pending", "_propagator",
-        "_response_attrs", "_start_ns", "_started", "_status", "span",
+        "_carrier", "_closed", "_deps", "_facts", "_grpc_status", "_options", "_pending",
+        "_propagator", "_response_attrs", "_start_ns", "_started", "_status", "_tenant", "span",
     )
 
     def __init__(self, deps: StreamDeps, options: RouteOptions = DEFAULT_ROUTE_OPTIONS) -> None:
@@ -73,6 +75,8 @@ class StreamSession:
         if options.propagation is not None and deps.propagators is not None:
             self._propagator = deps.propagators.get(options.propagation)
         self._started = False
+        self._tenant: str | None = None
+        self._carrier: Carrier | None = None  # kept from one phase until it is recorded
         self.span: Span | None = None
         self._facts: RequestInfo | None = None
         self._start_ns = 0
@@ -118,6 +122,11 @@ class StreamSession:
                                            self._options.attributes)
         propagator = self._propagator
         parent = propagator.extract(carrier)
+        if deps.policy is not None:
+            self._tenant = tenant = deps.policy.tenant(carrier, self._options)
+            parent = deps.policy.sampling_context(
+                parent, carrier, path=facts.path, method=facts.method, tenant=tenant,
+                route_name=attrs.string(sc.EnvoyAttr.ROUTE_NAME), options=self._options)
         span = self.span = deps.tracer.start_span(
             facts.span_name, context=parent, kind=SpanKind.SERVER,
             attributes=facts.start_attributes, start_time=self._start_ns,
@@ -125,6 +134,7 @@ class StreamSession:
         out: dict[str, str] = {}
         propagator.inject(set_span_in_context(span, parent), out)
         self._pending = request
+        self._carrier = carrier
         return pb.ProcessingResponse(
             request_headers=pb.HeadersResponse(response=pb.CommonResponse(
                 header_mutation=header_mutation(out, propagator.removals(carrier, out)),
@@ -142,6 +152,7 @@ class StreamSession:
         self._response_attrs = EnvoyAttributes.of(
             request.attributes, self._deps.attributes_namespace
         )
+        self._carrier = carrier
         if self.span is None:  # denied before ext_proc saw the request
             self._start_ns = time.time_ns()
             self.span = self._deps.tracer.start_span(
@@ -170,6 +181,7 @@ class StreamSession:
         span, facts = self.span, self._facts
         if request is None or span is None or facts is None:
             return
+        carrier, self._carrier = self._carrier or {}, None
         if not self._started:
             self._started = True
             for observer in self._deps.observers:
@@ -177,9 +189,16 @@ class StreamSession:
         if not span.is_recording():
             return
         try:
-            span.set_attributes(facts.late_attributes(
-                EnvoyAttributes.of(request.attributes, self._deps.attributes_namespace)
-            ))
+            envoy = EnvoyAttributes.of(request.attributes, self._deps.attributes_namespace)
+            span.set_attributes(facts.late_attributes(envoy))
+            policy = self._deps.policy
+            if policy is not None:
+                span.set_attributes(policy.request_attributes(
+                    carrier, first(carrier, ":path") or "", envoy))
+            elif facts.query is not None:
+                span.set_attribute(sc.URL_QUERY, facts.query)
+            if self._tenant is not None:
+                span.set_attribute(TENANT_ID, self._tenant)
             if facts.route is None:
                 route = facts.route_template(
                     request.metadata_context, self._deps.metadata_namespace
@@ -214,6 +233,7 @@ class StreamSession:
         self.span = None
         self._facts = None
         self._response_attrs = None
+        self._carrier = None
 
     def _notify(self, span: Span, end_ns: int, error_type: str | None) -> None:
         facts = self._facts
@@ -225,6 +245,7 @@ class StreamSession:
             duration_s=(end_ns - self._start_ns) / 1e9,
             span_context=span.get_span_context(),
             grpc_status=self._grpc_status,
+            tenant=self._tenant,
             started=self._started,
         )
         for observer in self._deps.observers:
@@ -241,6 +262,8 @@ class StreamSession:
             facts = self._facts
             result = outcome(self._status, self._grpc_status, bool(facts and facts.is_grpc),
                              self._response_attrs)
+            if self._carrier and self._deps.policy is not None:
+                result.attributes.update(self._deps.policy.response_attributes(self._carrier))
         span.set_attributes(result.attributes)
         if result.status.status_code is not StatusCode.UNSET:
             span.set_status(result.status)
@@ -258,6 +281,7 @@ class StreamSession:
             status=self._status,
             duration_ms=round((end_ns - self._start_ns) / 1e6, 3),
             request_id=facts.request_id if facts else None,
+            tenant=self._tenant,
         ).info("access")
 
 

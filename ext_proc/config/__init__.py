@@ -22,6 +22,8 @@ from pydantic_settings import (
 
 from ext_proc.config.core import LogSettings, ServerSettings, StreamSettings
 from ext_proc.config.propagation import PropagationSettings
+from ext_proc.config.redaction import RedactionSettings
+from ext_proc.config.sampling import SamplingSettings, TenantSettings
 from ext_proc.config.telemetry import AdminSettings, MetricsSettings, OtlpLogsSettings
 
 ENV_PREFIX = "EXTPROC_"
@@ -35,9 +37,12 @@ __all__ = [
     "MetricsSettings",
     "OtlpLogsSettings",
     "PropagationSettings",
+    "RedactionSettings",
+    "SamplingSettings",
     "ServerSettings",
     "Settings",
     "StreamSettings",
+    "TenantSettings",
     "load_settings",
 ]
 
@@ -51,12 +56,16 @@ class Settings(BaseSettings):
         frozen=True,
         extra="forbid",
         yaml_file=None,
+        hide_input_in_errors=True,  # a bad secret must not be echoed back
     )
 
     server: ServerSettings = ServerSettings()
     log: LogSettings = LogSettings()
     stream: StreamSettings = StreamSettings()
     propagation: PropagationSettings = PropagationSettings()
+    sampling: SamplingSettings = SamplingSettings()
+    tenants: TenantSettings = TenantSettings()
+    redaction: RedactionSettings = RedactionSettings()
     metrics: MetricsSettings = MetricsSettings()
     admin: AdminSettings = AdminSettings()
     otlp_logs: OtlpLogsSettings = OtlpLogsSettings()
@@ -101,9 +110,8 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
     if config_file is not None:
         if not config_file.is_file():
             raise ConfigError(f"config file {config_file}: not a readable file")
-        cls = type("Settings", (Settings,), {
-            "model_config": SettingsConfigDict(**{**Settings.model_config, "yaml_file": config_file}),
-        })
+        config = SettingsConfigDict(**{**Settings.model_config, "yaml_file": config_file})
+        cls = type("Settings", (Settings,), {"model_config": config})
     try:
         return cls(**overrides)
     except ValidationError as exc:

@@ -1,0 +1,76 @@
+"""Tenants, sampling and redaction, applied to one request.
+
+`RequestPolicy` bundles the per-request decisions the stream delegates:
+who the tenant is and which sampling directive applies (before the span
+starts, so on the hot path: cheap), and which redacted attributes the span
+records (after Envoy has its answer).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, Final
+
+from opentelemetry.context import Context
+
+from ext_proc import semconv as sc
+from ext_proc.envoy_attrs import EnvoyAttributes
+from ext_proc.headers import Carrier
+from ext_proc.propagation import sampling_decision
+from ext_proc.redaction import Redactor
+from ext_proc.route_options import RouteOptions
+from ext_proc.sampling import RequestFacts, SamplingPolicy, with_directive
+from ext_proc.tenants import TenantResolver
+
+TENANT_ID: Final = "tenant.id"
+
+
+class RequestPolicy:
+    """Built once by the app; shared by every stream (no per-request state)."""
+
+    def __init__(self, redactor: Redactor, sampling: SamplingPolicy | None = None,
+                 tenants: TenantResolver | None = None) -> None:
+        self.redactor = redactor
+        self.sampling = sampling
+        self._tenants = tenants if tenants is not None and tenants.enabled else None
+
+    # -- before the span starts (hot path) ----------------------------------------
+
+    def tenant(self, carrier: Carrier, options: RouteOptions) -> str | None:
+        if self._tenants is None:
+            return None
+        return self._tenants.resolve(carrier, options.metadata_map)
+
+    def sampling_context(self, parent: Context, carrier: Carrier, *, path: str, method: str,
+                         route_name: str | None, tenant: str | None,
+                         options: RouteOptions) -> Context:
+        """`parent` plus the sampling directive the gateway span is started with."""
+        if self.sampling is None:
+            return parent
+        directive = self.sampling.directive(RequestFacts(
+            route=route_name, path=path, method=method, headers=carrier, tenant=tenant,
+            route_ratio=options.sample_ratio,
+        ))
+        decision = sampling_decision(parent)  # e.g. "b3: 0": a decision without ids
+        if decision is not None:
+            directive = dataclasses.replace(directive, ratio=1.0 if decision else 0.0)
+        return with_directive(parent, directive)
+
+    # -- after the answer ------------------------------------------------------------
+
+    def request_attributes(self, carrier: Carrier, raw_target: str,
+                           envoy: EnvoyAttributes) -> dict[str, Any]:
+        """Redacted query, captured headers and auth annotation."""
+        redactor = self.redactor
+        attrs: dict[str, Any] = {}
+        _, query = redactor.path_and_query(raw_target)
+        if query is not None:
+            attrs[sc.URL_QUERY] = query
+        attrs.update(redactor.header_attributes(carrier, "request"))
+        attrs.update(redactor.auth_attributes(
+            carrier, mtls=bool(envoy.boolean(sc.EnvoyAttr.CONNECTION_MTLS))))
+        return attrs
+
+    def response_attributes(self, carrier: Mapping[str, list[str]]) -> dict[str, Any]:
+        return dict(self.redactor.header_attributes(carrier, "response"))
