@@ -8,7 +8,6 @@ records (after Envoy has its answer).
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from typing import Any, Final
 
@@ -48,13 +47,14 @@ class RequestPolicy:
         """`parent` plus the sampling directive the gateway span is started with."""
         if self.sampling is None:
             return parent
+        ratio = options.sample_ratio
+        decision = sampling_decision(parent)  # e.g. "b3: 0": the client's decision, no ids
+        if decision is not None:
+            ratio = 1.0 if decision else 0.0
         directive = self.sampling.directive(RequestFacts(
             route=route_name, path=path, method=method, headers=carrier, tenant=tenant,
-            route_ratio=options.sample_ratio,
+            route_ratio=ratio,
         ))
-        decision = sampling_decision(parent)  # e.g. "b3: 0": a decision without ids
-        if decision is not None:
-            directive = dataclasses.replace(directive, ratio=1.0 if decision else 0.0)
         return with_directive(parent, directive)
 
     # -- after the answer ------------------------------------------------------------

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from ext_proc.demo.receiver import OtlpReceiver, ReceivedSpan
-from ext_proc.devstack import Stack, add_dead_route
+from ext_proc.devstack import Config, Stack, add_dead_route, hcm_of
 
 SIDECAR_SERVICE = "extproc-otel"
 SERVER_KIND = 2  # opentelemetry.proto.trace.v1.Span.SPAN_KIND_SERVER
@@ -22,10 +22,40 @@ def receiver() -> Iterator[OtlpReceiver]:
     rec.stop()
 
 
+PER_ROUTE = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute"
+
+
+def route_with_options(prefix: str, cluster: str, options: dict[str, str]) -> dict[str, object]:
+    """A route (to the upstream's /echo) whose ext_proc streams carry `options` as gRPC
+    initial metadata."""
+    return {
+        "name": prefix.strip("/").replace("/", "_") or "root",
+        "match": {"prefix": prefix},
+        "route": {"cluster": cluster, "prefix_rewrite": "/echo"},
+        "typed_per_filter_config": {"envoy.filters.http.ext_proc": {
+            "@type": PER_ROUTE,
+            "overrides": {"grpc_initial_metadata": [
+                {"key": key, "value": value} for key, value in options.items()]},
+        }},
+    }
+
+
+def test_routes(config: Config) -> None:
+    """The shipped config plus routes only tests need."""
+    add_dead_route(config)
+    routes = hcm_of(config)["route_config"]["virtual_hosts"][0]["routes"]
+    routes.insert(0, route_with_options("/legacy-echo", "users", {
+        "x-extproc-otel-inject": "tracecontext,grpc-trace-bin"}))
+    routes.insert(0, route_with_options("/untraced", "users", {
+        "x-extproc-otel-tracing": "off"}))
+    routes.insert(0, route_with_options("/team-echo", "users", {
+        "x-extproc-otel-attr-team": "payments", "x-extproc-otel-http-route": "/team-echo"}))
+
+
 @pytest.fixture(scope="module")
 def stack(receiver: OtlpReceiver, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     with Stack(tmp_path_factory.mktemp("stack"), receiver.endpoint,
-               mutate_config=add_dead_route) as running:
+               mutate_config=test_routes) as running:
         yield running
 
 
