@@ -23,6 +23,22 @@ RESPONSE_FLAG_NAMES: Final = (
 )
 
 
+# error.type for a failed request whose response flags say why (Envoy's long names).
+FLAG_ERROR_TYPES: Final = {
+    "UH": "no_healthy_upstream", "UT": "upstream_request_timeout", "LR": "local_reset",
+    "UR": "upstream_remote_reset", "UF": "upstream_connection_failure",
+    "UC": "upstream_connection_termination", "UO": "upstream_overflow",
+    "NR": "no_route_found", "FI": "fault_injected", "RL": "rate_limited",
+    "UAEX": "unauthorized_external_service", "RLSE": "rate_limit_service_error",
+    "DC": "downstream_connection_termination", "URX": "upstream_retry_limit_exceeded",
+    "SI": "stream_idle_timeout", "IH": "invalid_envoy_request_headers",
+    "DPE": "downstream_protocol_error", "UMSDR": "upstream_max_stream_duration_reached",
+    "NFCF": "no_filter_config_found", "DT": "duration_timeout",
+    "UPE": "upstream_protocol_error", "NC": "no_cluster_found", "OM": "overload_manager",
+    "DF": "dns_resolution_failed", "DO": "drop_overload", "DR": "downstream_remote_reset",
+}
+
+
 class EnvoyAttributes:
     """Typed access to one direction's attribute Struct; missing -> None."""
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from opentelemetry.trace import Status, StatusCode
+from opentelemetry.trace import Span, Status, StatusCode
 
 from ext_proc import semconv as sc
-from ext_proc.envoy_attrs import EnvoyAttributes, response_flag_names
+from ext_proc.envoy_attrs import FLAG_ERROR_TYPES, EnvoyAttributes, response_flag_names
 
 _UNSET: Final = Status(StatusCode.UNSET)
 
@@ -49,6 +49,14 @@ def aborted() -> Outcome:
                    sc.ERROR_CLIENT_ABORTED)
 
 
+def interrupted(result: Outcome) -> Outcome:
+    """The response started but its stream was reset (upstream reset, or the client
+    went away mid-response): an error whatever the status code said."""
+    result.error_type = result.attributes[sc.ERROR_TYPE] = sc.ERROR_RESPONSE_INCOMPLETE
+    result.status = Status(StatusCode.ERROR, "stream reset after the response started")
+    return result
+
+
 def outcome(http_status: int, grpc_status: str | None, is_grpc: bool,
             envoy: EnvoyAttributes | None) -> Outcome:
     """Attributes and status for a response with `http_status` (0 when unknown)."""
@@ -56,10 +64,12 @@ def outcome(http_status: int, grpc_status: str | None, is_grpc: bool,
     attrs = result.attributes
     if http_status:
         attrs[sc.HTTP_RESPONSE_STATUS_CODE] = http_status
+    cause: str | None = None
     if envoy:
         flags = envoy.integer(sc.EnvoyAttr.RESPONSE_FLAGS)
         if flags:
-            attrs[sc.ENVOY_RESPONSE_FLAGS] = response_flag_names(flags)
+            names = attrs[sc.ENVOY_RESPONSE_FLAGS] = response_flag_names(flags)
+            cause = next((FLAG_ERROR_TYPES[n] for n in names if n in FLAG_ERROR_TYPES), None)
         for key, name in _RESPONSE_STRINGS:
             value = envoy.string(name)
             if value:
@@ -75,8 +85,43 @@ def outcome(http_status: int, grpc_status: str | None, is_grpc: bool,
             result.error_type = name
             result.status = Status(StatusCode.ERROR, name)
     if result.error_type is None and http_status >= 500:
-        result.error_type = str(http_status)
+        result.error_type = cause or str(http_status)
         result.status = Status(StatusCode.ERROR)
     if result.error_type is not None:
         attrs[sc.ERROR_TYPE] = result.error_type
     return result
+
+
+def upstream_attributes(envoy: EnvoyAttributes) -> dict[str, Any]:
+    """The upstream CLIENT span's view: the peer Envoy picked and the attempts it made."""
+    attrs: dict[str, Any] = {}
+    address = envoy.string(sc.EnvoyAttr.UPSTREAM_ADDRESS)
+    if address:
+        host, _, port = address.rpartition(":")
+        attrs[sc.SERVER_ADDRESS] = host.strip("[]") or address
+        if port.isdigit():
+            attrs[sc.SERVER_PORT] = int(port)
+        attrs[sc.ENVOY_UPSTREAM_ADDRESS] = address
+    attempts = envoy.integer(sc.EnvoyAttr.UPSTREAM_ATTEMPTS)
+    if attempts is not None:
+        attrs[sc.ENVOY_UPSTREAM_ATTEMPTS] = attempts
+        if attempts > 1:
+            attrs[sc.HTTP_REQUEST_RESEND_COUNT] = attempts - 1
+    return attrs
+
+
+def client_outcome(http_status: int | None, grpc_status: str | None, is_grpc: bool,
+                   envoy: EnvoyAttributes | None) -> Outcome:
+    """The optional upstream CLIENT span's ending."""
+    if http_status is None:
+        return aborted()
+    result = outcome(http_status, grpc_status, is_grpc, None)
+    if envoy:
+        result.attributes.update(upstream_attributes(envoy))
+    return result
+
+
+def apply(span: Span, result: Outcome) -> None:
+    span.set_attributes(result.attributes)
+    if result.status.status_code is not StatusCode.UNSET:
+        span.set_status(result.status)

@@ -12,6 +12,7 @@ metadata on that route's streams. Keys we read start with ``x-extproc-otel-``:
 ``x-extproc-otel-inject``        comma list of formats to write (as ``propagation.inject``)
 ``x-extproc-otel-clear``         comma list of extra headers to remove upstream
 ``x-extproc-otel-sample-ratio``  head-sampling ratio for this route, 0..1
+``x-extproc-otel-upstream-span`` ``on``/``off``: a CLIENT span around the upstream call
 ``x-extproc-otel-<key>``         any other key: route metadata, e.g. ``tenant`` for
                                  ``tenants.route_metadata_key: tenant``
 ===============================  ==============================================
@@ -41,6 +42,7 @@ EXTRACT: Final = PREFIX + "extract"
 INJECT: Final = PREFIX + "inject"
 CLEAR: Final = PREFIX + "clear"
 SAMPLE_RATIO: Final = PREFIX + "sample-ratio"
+UPSTREAM_SPAN: Final = PREFIX + "upstream-span"
 
 _MAX_VALUE: Final = 256
 _MAX_ATTRIBUTES: Final = 16
@@ -55,6 +57,7 @@ class RouteOptions:
     attributes: tuple[tuple[str, str], ...] = ()
     propagation: PropagationSettings | None = None  # None: the sidecar's own settings
     sample_ratio: float | None = None
+    upstream_span: bool | None = None  # None: the sidecar's stream.upstream_span
     items: tuple[tuple[str, str], ...] = ()  # every x-extproc-otel-* entry, as sent
 
     @property
@@ -93,6 +96,7 @@ def parse_route_options(
     attributes: list[tuple[str, str]] = []
     overrides: dict[str, str] = {}
     ratio: float | None = None
+    upstream: bool | None = None
     for key, value in items:
         if key == HTTP_ROUTE and value:
             http_route = value
@@ -103,6 +107,8 @@ def parse_route_options(
                 attributes.append((key[len(ATTR_PREFIX):], value))
         elif key in _PROPAGATION_KEYS:
             overrides[_PROPAGATION_KEYS[key]] = value
+        elif key == UPSTREAM_SPAN:
+            upstream = value.strip().lower() not in _OFF
         elif key == SAMPLE_RATIO:
             ratio = _ratio(value)
             if ratio is None:
@@ -114,7 +120,8 @@ def parse_route_options(
             propagation = base.model_validate({**base.model_dump(), **overrides})
         except ValidationError as exc:
             logger.debug("route propagation override ignored", reason=str(exc.errors()[0]["msg"]))
-    return RouteOptions(http_route, tracing, tuple(attributes), propagation, ratio, items)
+    return RouteOptions(http_route, tracing, tuple(attributes), propagation, ratio, upstream,
+                        items)
 
 
 class RouteOptionsCache:

@@ -40,6 +40,8 @@ class ExchangeRecord:
     grpc_status: str | None = None
     tenant: str | None = None
     started: bool = True  # False: no request_headers were seen (stream_started not called)
+    path: str | None = None  # url.path, never the query
+    request_id: str | None = None
 
 
 class StreamObserver(Protocol):

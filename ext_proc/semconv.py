@@ -22,6 +22,7 @@ HTTP_REQUEST_METHOD: Final = http_attributes.HTTP_REQUEST_METHOD
 HTTP_REQUEST_METHOD_ORIGINAL: Final = http_attributes.HTTP_REQUEST_METHOD_ORIGINAL
 HTTP_RESPONSE_STATUS_CODE: Final = http_attributes.HTTP_RESPONSE_STATUS_CODE
 HTTP_ROUTE: Final = http_attributes.HTTP_ROUTE
+HTTP_REQUEST_RESEND_COUNT: Final = http_attributes.HTTP_REQUEST_RESEND_COUNT
 URL_SCHEME: Final = url_attributes.URL_SCHEME
 URL_PATH: Final = url_attributes.URL_PATH
 URL_QUERY: Final = url_attributes.URL_QUERY
@@ -52,6 +53,9 @@ ENVOY_UPSTREAM_FAILURE: Final = "envoy.upstream_transport_failure_reason"
 # error.type when the stream ends before any response was seen (client abort,
 # downstream reset, or Envoy giving up on us).
 ERROR_CLIENT_ABORTED: Final = "client_aborted"
+# error.type when the stream was reset after the response had started (upstream
+# reset mid-body, or the client leaving mid-response).
+ERROR_RESPONSE_INCOMPLETE: Final = "response_incomplete"
 
 # HTTP methods the conventions know; anything else is recorded as _OTHER.
 KNOWN_METHODS: Final = frozenset(

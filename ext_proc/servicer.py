@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -26,7 +27,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         self._route_options = route_options
         self.active: set[StreamSession] = set()  # live streams, for shutdown and tests
 
-    async def Process(  # noqa: N802 - the generated gRPC method name
+    async def Process(
         self,
         request_iterator: AsyncIterator[pb.ProcessingRequest],
         context: grpc.aio.ServicerContext[pb.ProcessingRequest, pb.ProcessingResponse],
@@ -50,6 +51,9 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                     otel_context.attach(set_span_in_context(session.span))
                     correlated = True
                 session.record()
+        except asyncio.CancelledError:
+            session.cancelled = True  # Envoy reset the stream rather than closing it
+            raise
         finally:
             self.active.discard(session)
             try:

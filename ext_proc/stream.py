@@ -16,14 +16,14 @@ from typing import Final
 
 from google.protobuf import struct_pb2
 from loguru import logger
-from opentelemetry.trace import Span, SpanContext, SpanKind, StatusCode, Tracer
+from opentelemetry.trace import Span, SpanContext, SpanKind, Tracer
 from opentelemetry.trace.propagation import set_span_in_context
 
 from ext_proc import semconv as sc
 from ext_proc._gen.envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from ext_proc.envoy_attrs import EnvoyAttributes
 from ext_proc.headers import Carrier, carrier_from_headers, first, header_mutation
-from ext_proc.outcome import aborted, outcome
+from ext_proc.outcome import aborted, apply, client_outcome, interrupted, outcome
 from ext_proc.policy import TENANT_ID, RequestPolicy
 from ext_proc.request_info import RequestInfo, request_info
 from ext_proc.route_options import DEFAULT as DEFAULT_ROUTE_OPTIONS
@@ -39,10 +39,11 @@ class StreamDeps:
     propagator: Propagator
     attributes_namespace: str
     metadata_namespace: str
-    access_log: bool = True
     observers: tuple[StreamObserver, ...] = ()
     propagators: PropagatorSource | None = None  # for routes that override propagation
     policy: RequestPolicy | None = None  # tenants, sampling, redaction
+    graceful_close: bool = True  # Envoy runs with ext_proc_graceful_grpc_close
+    upstream_span: bool = False  # a CLIENT span around the upstream call
 
 
 _EMPTY: Final = {
@@ -64,9 +65,9 @@ class StreamSession:
     """State of one exchange: small, and released when the stream ends."""
 
     __slots__ = (
-        "_carrier", "_closed", "_deps", "_facts", "_grpc_status", "_options", "_pending",
-        "_propagator", "_response_attrs", "_start_ns", "_started", "_status", "_tenant", "span",
-    )
+        "_carrier", "_client", "_closed", "_deps", "_facts", "_grpc_status", "_options",
+        "_pending", "_propagator", "_response_attrs", "_start_ns", "_started", "_status",
+        "_tenant", "cancelled", "span")
 
     def __init__(self, deps: StreamDeps, options: RouteOptions = DEFAULT_ROUTE_OPTIONS) -> None:
         self._deps = deps
@@ -78,6 +79,7 @@ class StreamSession:
         self._tenant: str | None = None
         self._carrier: Carrier | None = None  # kept from one phase until it is recorded
         self.span: Span | None = None
+        self._client: Span | None = None  # the optional upstream CLIENT span
         self._facts: RequestInfo | None = None
         self._start_ns = 0
         self._status: int | None = None
@@ -85,10 +87,7 @@ class StreamSession:
         self._response_attrs: EnvoyAttributes | None = None
         self._pending: pb.ProcessingRequest | None = None
         self._closed = False
-
-    @property
-    def responded(self) -> bool:
-        return self._status is not None
+        self.cancelled = False  # set by the servicer when Envoy reset the stream
 
     # -- answering (hot path) -------------------------------------------------
 
@@ -131,6 +130,10 @@ class StreamSession:
             facts.span_name, context=parent, kind=SpanKind.SERVER,
             attributes=facts.start_attributes, start_time=self._start_ns,
         )
+        upstream = self._options.upstream_span
+        if upstream if upstream is not None else deps.upstream_span:
+            span = self._client = deps.tracer.start_span(
+                facts.span_name, context=set_span_in_context(span, parent), kind=SpanKind.CLIENT)
         out: dict[str, str] = {}
         propagator.inject(set_span_in_context(span, parent), out)
         self._pending = request
@@ -139,7 +142,7 @@ class StreamSession:
             request_headers=pb.HeadersResponse(response=pb.CommonResponse(
                 header_mutation=header_mutation(out, propagator.removals(carrier, out)),
             )),
-            dynamic_metadata=self._trace_metadata(span.get_span_context()),
+            dynamic_metadata=self._trace_metadata(self.span.get_span_context()),
         )
 
     def _on_response_headers(self, request: pb.ProcessingRequest) -> pb.ProcessingResponse:
@@ -153,6 +156,8 @@ class StreamSession:
             request.attributes, self._deps.attributes_namespace
         )
         self._carrier = carrier
+        if self._client is not None:
+            self._pending = request  # the upstream span ends after the answer
         if self.span is None:  # denied before ext_proc saw the request
             self._start_ns = time.time_ns()
             self.span = self._deps.tracer.start_span(
@@ -180,6 +185,9 @@ class StreamSession:
         request, self._pending = self._pending, None
         span, facts = self.span, self._facts
         if request is None or span is None or facts is None:
+            return
+        if request.HasField("response_headers"):
+            self._end_client()
             return
         carrier, self._carrier = self._carrier or {}, None
         if not self._started:
@@ -209,6 +217,18 @@ class StreamSession:
         except Exception:
             logger.opt(exception=True).error("recording request attributes failed")
 
+    def _end_client(self) -> None:
+        """End the upstream CLIENT span, if any, with what Envoy said of the upstream."""
+        client, self._client = self._client, None
+        if client is None:
+            return
+        try:
+            apply(client, client_outcome(self._status, self._grpc_status,
+                                         bool(self._facts and self._facts.is_grpc),
+                                         self._response_attrs))
+        finally:
+            client.end()
+
     def close(self) -> None:
         """End the span exactly once; safe to call more than once."""
         if self._closed:
@@ -218,6 +238,7 @@ class StreamSession:
         span = self.span
         if span is None:
             return
+        self._end_client()
         end_ns = time.time_ns()
         error_type: str | None = None
         try:
@@ -226,8 +247,6 @@ class StreamSession:
             logger.opt(exception=True).error("finishing span failed")
         finally:
             span.end(end_time=end_ns)
-        if self._deps.access_log:
-            self._access_line(span, end_ns)
         if self._deps.observers:
             self._notify(span, end_ns, error_type)
         self.span = None
@@ -240,6 +259,8 @@ class StreamSession:
         record = ExchangeRecord(
             method=facts.method if facts else None,
             route=facts.route if facts else None,
+            path=facts.path if facts else None,
+            request_id=facts.request_id if facts else None,
             status=self._status,
             error_type=error_type,
             duration_s=(end_ns - self._start_ns) / 1e9,
@@ -264,25 +285,10 @@ class StreamSession:
                              self._response_attrs)
             if self._carrier and self._deps.policy is not None:
                 result.attributes.update(self._deps.policy.response_attributes(self._carrier))
-        span.set_attributes(result.attributes)
-        if result.status.status_code is not StatusCode.UNSET:
-            span.set_status(result.status)
+            if self.cancelled and self._deps.graceful_close:
+                result = interrupted(result)
+        apply(span, result)
         return result.error_type
-
-    def _access_line(self, span: Span, end_ns: int) -> None:
-        ctx = span.get_span_context()
-        facts = self._facts
-        logger.bind(
-            trace_id=format(ctx.trace_id, "032x"),
-            span_id=format(ctx.span_id, "016x"),
-            trace_flags=format(int(ctx.trace_flags), "02x"),
-            method=facts.method if facts else None,
-            path=facts.path if facts else None,
-            status=self._status,
-            duration_ms=round((end_ns - self._start_ns) / 1e6, 3),
-            request_id=facts.request_id if facts else None,
-            tenant=self._tenant,
-        ).info("access")
 
 
 # Response headers we add to rather than replace (the upstream's own timings stay).

@@ -64,6 +64,24 @@ class LogSettings(BaseModel):
 class StreamSettings(BaseModel):
     model_config = _FROZEN
 
+    graceful_close: bool = Field(
+        True,
+        description=(
+            "Envoy runs with the runtime flag envoy.reloadable_features."
+            "ext_proc_graceful_grpc_close (our configs do), so a normal exchange ends with a "
+            "clean stream close and a reset after the response started means the response "
+            "was cut short (span marked error.type=response_incomplete). Set false for an "
+            "Envoy without the flag, where every stream ends with a reset."
+        ),
+    )
+    upstream_span: bool = Field(
+        False,
+        description=(
+            "Also record a CLIENT span for the upstream call (from our answer to the request "
+            "headers until the response headers); its id is what goes upstream. Per route: "
+            "x-extproc-otel-upstream-span: on|off."
+        ),
+    )
     attributes_namespace: str = Field(
         "envoy.filters.http.ext_proc",
         description="Key of ProcessingRequest.attributes that holds Envoy's attributes.",
