@@ -1,0 +1,42 @@
+# syntax=docker/dockerfile:1
+# extproc-otel: the Envoy ext_proc sidecar as a small, non-root image.
+#
+#   docker build -t extproc-otel .
+#   docker run --read-only --tmpfs /tmp -p 50051:50051 extproc-otel
+#
+# Stage 1 generates the protobuf modules (gitignored, made by grpcio-tools) and
+# builds a wheel; stage 2 installs only that wheel and its runtime dependencies.
+
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+FROM ${PYTHON_IMAGE} AS build
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+WORKDIR /src
+RUN pip install "grpcio-tools>=1.66"
+COPY pyproject.toml README.md ./
+COPY proto ./proto
+COPY ext_proc ./ext_proc
+RUN python proto/generate.py \
+ && pip wheel --no-deps --wheel-dir /wheels .
+
+FROM ${PYTHON_IMAGE}
+# Read-only root filesystem friendly: no bytecode writes, HOME and the working
+# directory on /tmp (mount a tmpfs there), nothing else written at run time.
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    HOME=/tmp \
+    EXTPROC_SERVER__LISTEN=0.0.0.0:50051 \
+    EXTPROC_HEALTH_TARGET=127.0.0.1:50051
+COPY --from=build /wheels /wheels
+RUN pip install /wheels/*.whl \
+ && rm -rf /wheels \
+ && useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin extproc
+USER 10001:10001
+WORKDIR /tmp
+EXPOSE 50051
+# gRPC health check (grpc.health.v1) against the sidecar's own port.
+HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
+  CMD ["python", "-c", "import os, sys, grpc; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g; ch = grpc.insecure_channel(os.environ['EXTPROC_HEALTH_TARGET']); r = g.HealthStub(ch).Check(h.HealthCheckRequest(), timeout=2); sys.exit(0 if r.status == h.HealthCheckResponse.SERVING else 1)"]
+CMD ["extproc-otel", "serve"]

@@ -1,0 +1,90 @@
+"""``extproc-otel envoy-config``: the Envoy side of the sidecar, for its current settings.
+
+Everything is built from the typed Envoy API classes of ``envoy-data-plane``, so
+a misspelt field name fails here instead of in a user's Envoy. Formats:
+
+``bootstrap``      a complete, runnable Envoy bootstrap (listener, routes, clusters)
+``snippet``        the pieces to paste into an existing bootstrap
+``istio``          an Istio ``EnvoyFilter`` (ingress gateway or sidecar variant)
+``envoy-gateway``  Envoy Gateway ``EnvoyProxy`` + ``EnvoyExtensionPolicy``
+"""
+
+from __future__ import annotations
+
+import yaml
+
+from ext_proc.config import Settings
+from ext_proc.envoy_config.builders import (
+    EG_ATTRIBUTE,
+    EXT_PROC_FILTER,
+    FORMATS,
+    GRACEFUL_CLOSE_FLAG,
+    ROUTER_FILTER,
+    Doc,
+    EnvoyConfigOptions,
+    Format,
+    IstioContext,
+    bootstrap,
+    ext_proc_filter,
+    options_for,
+    per_route_config,
+    route_disabled,
+    route_override,
+    runtime_layer,
+    sidecar_cluster,
+    snippet,
+    to_dict,
+)
+from ext_proc.envoy_config.mesh import envoy_gateway, istio_envoy_filter
+
+__all__ = [
+    "EG_ATTRIBUTE",
+    "EXT_PROC_FILTER",
+    "FORMATS",
+    "GRACEFUL_CLOSE_FLAG",
+    "ROUTER_FILTER",
+    "EnvoyConfigOptions",
+    "Format",
+    "IstioContext",
+    "bootstrap",
+    "envoy_gateway",
+    "ext_proc_filter",
+    "istio_envoy_filter",
+    "options_for",
+    "per_route_config",
+    "render",
+    "route_disabled",
+    "route_override",
+    "runtime_layer",
+    "sidecar_cluster",
+    "snippet",
+    "to_dict",
+]
+
+
+def render(fmt: Format, settings: Settings, opts: EnvoyConfigOptions) -> str:
+    """The YAML text for `fmt` (multi-document for ``envoy-gateway``)."""
+    docs: list[Doc]
+    if fmt == "bootstrap":
+        docs = [to_dict(bootstrap(settings, opts))]
+    elif fmt == "snippet":
+        docs = [snippet(settings, opts)]
+    elif fmt == "istio":
+        docs = [istio_envoy_filter(settings, opts)]
+    elif fmt == "envoy-gateway":
+        docs = envoy_gateway(settings, opts)
+    else:
+        raise ValueError(f"unknown format {fmt!r}: use one of {', '.join(FORMATS)}")
+    return yaml.dump_all(docs, Dumper=_Dumper, sort_keys=False)
+
+
+class _Dumper(yaml.SafeDumper):
+    """Writes multi-line strings (an embedded YAML document) as literal blocks."""
+
+
+def _str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_Dumper.add_representer(str, _str)

@@ -1,0 +1,144 @@
+"""``extproc-otel envoy-config``: content follows the settings, and Envoy accepts every format."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from ext_proc.cli import main
+from ext_proc.config import Settings, load_settings
+from ext_proc.devstack import envoy_binary
+from ext_proc.envoy_config import (
+    EG_ATTRIBUTE,
+    EXT_PROC_FILTER,
+    FORMATS,
+    GRACEFUL_CLOSE_FLAG,
+    options_for,
+    render,
+    snippet,
+)
+from ext_proc.envoy_config.embed import envoy_configs, envoy_validate
+from ext_proc.route_options import HTTP_ROUTE, route_options
+from ext_proc.semconv import EnvoyAttr
+
+
+def _docs(text: str) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(text) if d is not None]
+
+
+def _settings(**stream: Any) -> Settings:
+    return load_settings(stream=stream)
+
+
+def _ext_proc_config(text: str) -> dict[str, Any]:
+    flt = _docs(text)[0]["http_filters"][0]
+    assert flt["name"] == EXT_PROC_FILTER
+    config: dict[str, Any] = flt["typed_config"]
+    return config
+
+
+def test_snippet_carries_the_attributes_mode_and_namespace_of_the_settings() -> None:
+    settings = _settings(metadata_namespace="acme_tracing")
+    config = _ext_proc_config(render("snippet", settings, options_for(settings)))
+    assert config["request_attributes"] == list(EnvoyAttr.REQUEST)
+    assert config["response_attributes"] == list(EnvoyAttr.RESPONSE)
+    assert config["failure_mode_allow"] is True
+    assert config["message_timeout"] == "0.200s"
+    mode = config["processing_mode"]
+    assert (mode["request_header_mode"], mode["response_header_mode"],
+            mode["response_trailer_mode"]) == ("SEND", "SEND", "SEND")
+    meta = config["metadata_options"]
+    assert meta["forwarding_namespaces"]["untyped"] == ["acme_tracing"]
+    assert meta["receiving_namespaces"]["untyped"] == ["acme_tracing"]
+
+
+def test_snippet_has_the_graceful_close_flag_and_a_sidecar_h2_cluster() -> None:
+    settings = load_settings(server={"listen": "0.0.0.0:6001"})
+    doc = snippet(settings, options_for(settings))
+    layer = doc["layered_runtime"]["layers"][0]
+    assert layer["static_layer"] == {GRACEFUL_CLOSE_FLAG: True}
+    cluster = doc["clusters"][0]
+    address = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"][
+        "address"]["socket_address"]
+    assert address == {"address": "127.0.0.1", "port_value": 6001}  # wildcard -> loopback
+    assert cluster["type"] == "STATIC"
+    options = cluster["typed_extension_protocol_options"]
+    (h2,) = options.values()
+    assert "http2_protocol_options" in h2["explicit_http_config"]
+
+
+def test_hostname_sidecar_gets_a_dns_cluster() -> None:
+    settings = load_settings(server={"listen": "extproc-otel:50051"})
+    cluster = snippet(settings, options_for(settings))["clusters"][0]
+    assert cluster["type"] == "STRICT_DNS"
+
+
+def test_per_route_example_round_trips_through_the_sidecar_parser() -> None:
+    """The metadata the example sends is what `route_options` really reads."""
+    settings = Settings()
+    doc = snippet(settings, options_for(settings, example_route_template="/v1/items/{id}"))
+    per_route = doc["route_typed_per_filter_config"]["with_route_template"][EXT_PROC_FILTER]
+    metadata = per_route["overrides"]["grpc_initial_metadata"]
+    assert metadata == [{"key": HTTP_ROUTE, "value": "/v1/items/{id}"}]
+    parsed = route_options([(m["key"], m["value"]) for m in metadata])
+    assert parsed.http_route == "/v1/items/{id}"
+    disabled = doc["route_typed_per_filter_config"]["disabled"][EXT_PROC_FILTER]
+    assert disabled["disabled"] is True
+
+
+def test_envoy_gateway_keeps_only_attributes_it_accepts() -> None:
+    settings = Settings()
+    docs = _docs(render("envoy-gateway", settings, options_for(settings)))
+    kinds = [d["kind"] for d in docs]
+    assert kinds == ["EnvoyProxy", "EnvoyExtensionPolicy"]
+    ext = docs[1]["spec"]["extProc"][0]
+    request = ext["processingMode"]["request"]["attributes"]
+    assert request == [a for a in EnvoyAttr.REQUEST if EG_ATTRIBUTE.match(a)]
+    assert all(EG_ATTRIBUTE.match(a) for a in ext["processingMode"]["response"]["attributes"])
+    assert "xds.cluster_name" not in request  # rejected by Envoy Gateway's CRD pattern
+    assert ext["failOpen"] is True
+    bootstrap_merge = yaml.safe_load(docs[0]["spec"]["bootstrap"]["value"])
+    assert bootstrap_merge["layered_runtime"]["layers"][0]["static_layer"] == {
+        GRACEFUL_CLOSE_FLAG: True}
+
+
+@pytest.mark.parametrize("context,expected", [("gateway", "GATEWAY"),
+                                              ("sidecar", "SIDECAR_INBOUND")])
+def test_istio_variants(context: str, expected: str) -> None:
+    settings = Settings()
+    (doc,) = _docs(render("istio", settings, options_for(settings, istio_context=context)))
+    assert doc["kind"] == "EnvoyFilter"
+    patches = doc["spec"]["configPatches"]
+    assert [p["applyTo"] for p in patches] == ["HTTP_FILTER", "CLUSTER", "HTTP_ROUTE"]
+    assert patches[0]["match"]["context"] == expected
+    assert patches[0]["patch"]["operation"] == "INSERT_BEFORE"
+    assert patches[0]["match"]["listener"]["filterChain"]["filter"]["subFilter"]["name"] == (
+        "envoy.filters.http.router")
+
+
+def test_unknown_format_is_rejected() -> None:
+    settings = Settings()
+    with pytest.raises(ValueError, match="unknown format"):
+        render("nginx", settings, options_for(settings))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_cli_prints_each_format_and_envoy_accepts_it(fmt: str) -> None:
+    result = CliRunner().invoke(main, ["envoy-config", "--format", fmt,
+                                       "--sidecar-address", "127.0.0.1:7070"])
+    assert result.exit_code == 0, result.output
+    configs = [c for doc in _docs(result.output) for c in envoy_configs(doc)]
+    assert configs, f"no Envoy config in --format {fmt}"
+    assert "port_value: 7070" in result.output or "port: 7070" in result.output
+    for config in configs:
+        verdict = envoy_validate(config, envoy_binary())
+        assert verdict.ok, verdict.output[-2000:]
+
+
+def test_cli_rejects_a_bad_sidecar_address() -> None:
+    result = CliRunner().invoke(main, ["envoy-config", "--sidecar-address", "nope"])
+    assert result.exit_code == 2
+    assert "server.listen" in result.output
