@@ -7,7 +7,7 @@ GEN    := ext_proc/_gen/.generated
 PROTOS := $(shell find proto -name '*.proto')
 PYTEST_ARGS ?=
 
-.PHONY: all demo test unit e2e lint proto bench clean venv
+.PHONY: all demo test unit e2e lint proto bench clean venv tools
 
 all: test
 
@@ -28,13 +28,18 @@ $(GEN): $(STAMP) $(PROTOS) proto/generate.py
 demo: $(GEN)
 	$(PY) -m ext_proc.demo $(DEMO_ARGS)
 
-test: $(GEN)
+# Debian's prometheus: the metrics e2e test scrapes the sidecar with it (CI runs as root).
+tools:
+	@command -v prometheus >/dev/null 2>&1 || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null)
+
+test: $(GEN) tools
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 unit: $(GEN)
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
-e2e: $(GEN)
+e2e: $(GEN) tools
 	$(PY) -m pytest tests/e2e $(PYTEST_ARGS)
 
 lint: $(GEN)

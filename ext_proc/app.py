@@ -13,13 +13,18 @@ from loguru import logger
 
 import ext_proc
 from ext_proc._gen.envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
-from ext_proc.config import Settings
+from ext_proc.access_log import AccessLog
+from ext_proc.config import SamplingSettings, Settings
 from ext_proc.metrics.wiring import Observability, build_observability
+from ext_proc.policy import RequestPolicy
 from ext_proc.propagation import PropagatorCache, Rejections
+from ext_proc.redaction import Redactor
 from ext_proc.route_options import RouteOptionsCache
+from ext_proc.sampling import RulesWatcher, SamplingPolicy, build_sampling, load_rules
 from ext_proc.servicer import ExternalProcessor
 from ext_proc.stream import StreamDeps
 from ext_proc.telemetry import Telemetry, build_telemetry
+from ext_proc.tenants import TenantResolver
 
 SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
 
@@ -34,7 +39,10 @@ class Sidecar:
     health: health.aio.HealthServicer
     server: grpc.aio.Server
     rejections: Rejections
+    sampling: SamplingPolicy
     port: int = 0
+    rules_watcher: RulesWatcher | None = None
+    sampling_digest: str | None = None  # of the rules file read at startup
     observability: Observability | None = None
     serving: bool = False  # /readyz: the gRPC server serves and is not shutting down
     admin_port: int | None = None
@@ -50,12 +58,29 @@ class Sidecar:
         self.serving = True
         if self.observability is not None:
             self.admin_port = await self.observability.start(lambda: self.serving)
+        self._watch_rules()
         return self.port
+
+    def _watch_rules(self) -> None:
+        sampling = self.settings.sampling
+        if sampling.rules_file is None:
+            return
+
+        def reloaded(new: SamplingSettings) -> None:
+            self.sampling.reload(new)
+            logger.info("sampling rules reloaded", path=str(sampling.rules_file))
+
+        self.rules_watcher = RulesWatcher(
+            sampling.rules_file, reloaded, base=sampling,
+            interval_s=sampling.reload_interval_s, loaded_digest=self.sampling_digest)
+        self.rules_watcher.start()
 
     async def stop(self) -> None:
         grace = self.settings.server.grace_s
         logger.info("stopping", grace_s=grace, active_streams=len(self.processor.active))
         self.serving = False
+        if self.rules_watcher is not None:
+            await self.rules_watcher.stop()
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
         self.telemetry.shutdown()
@@ -64,19 +89,34 @@ class Sidecar:
         logger.info("stopped")
 
 
+def build_sampling_policy(settings: Settings) -> tuple[SamplingPolicy, str | None]:
+    """The sampling policy with the rules file applied, and that file's digest.
+    Raises RulesFileError when the file is bad."""
+    base = settings.sampling
+    if base.rules_file is None:
+        return build_sampling(base), None
+    loaded = load_rules(base.rules_file, base)
+    return build_sampling(loaded.settings), loaded.digest
+
+
 def build_sidecar(settings: Settings, telemetry: Telemetry | None = None) -> Sidecar:
     observability = build_observability(settings)
-    telemetry = telemetry or build_telemetry(span_stats=observability.span_stats)
+    sampling, digest = build_sampling_policy(settings)
+    telemetry = telemetry or build_telemetry(sampler=sampling.sampler,
+                                             span_stats=observability.span_stats)
     rejections = Rejections()
     propagators = PropagatorCache(rejections)
     deps = StreamDeps(
         tracer=telemetry.tracer,
         propagator=propagators.get(settings.propagation),
         propagators=propagators,
+        policy=RequestPolicy(Redactor(settings.redaction), sampling,
+                             TenantResolver(settings.tenants)),
         attributes_namespace=settings.stream.attributes_namespace,
         metadata_namespace=settings.stream.metadata_namespace,
-        access_log=settings.log.access_log,
-        observers=observability.observers,
+        graceful_close=settings.stream.graceful_close,
+        upstream_span=settings.stream.upstream_span,
+        observers=(AccessLog(),) * settings.log.access_log + tuple(observability.observers),
     )
     processor = ExternalProcessor(deps, RouteOptionsCache(settings.propagation),
                                   phase_timer=observability.phase_timer)
@@ -89,7 +129,7 @@ def build_sidecar(settings: Settings, telemetry: Telemetry | None = None) -> Sid
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     return Sidecar(settings, telemetry, processor, health_servicer, server, rejections,
-                   observability=observability)
+                   sampling, sampling_digest=digest, observability=observability)
 
 
 class _SignalCatcher:

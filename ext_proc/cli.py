@@ -48,8 +48,10 @@ def main() -> None:
 @click.option("--log-format", type=click.Choice(["json", "console"]), default=None,
               help="Log line format (log.format).")
 @click.option("--log-level", default=None, help="Lowest log level written (log.level).")
+@click.option("--admin", default=None,
+              help="Admin endpoint HOST:PORT: /healthz /readyz /metrics /config (admin.listen).")
 def serve(config_file: Path | None, listen: str | None, log_format: str | None,
-          log_level: str | None) -> None:
+          log_level: str | None, admin: str | None) -> None:
     """Run the ext_proc gRPC server until SIGTERM/SIGINT."""
     from ext_proc.app import serve as run_server
     from ext_proc.logs import configure_logging
@@ -57,6 +59,7 @@ def serve(config_file: Path | None, listen: str | None, log_format: str | None,
     settings = _load(config_file, _overrides(
         server={"listen": listen},
         log={"format": log_format, "level": log_level.upper() if log_level else None},
+        admin={"listen": admin},
     ))
     from ext_proc.telemetry import TelemetryConfigError
 

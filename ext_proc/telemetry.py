@@ -25,6 +25,7 @@ from opentelemetry.sdk.trace.sampling import Sampler
 from opentelemetry.trace import Tracer
 
 import ext_proc
+from ext_proc.metrics.spans import BoundedSpanProcessor, SpanPipelineStats
 
 DEFAULT_SERVICE_NAME: Final = "extproc-otel"
 INSTRUMENTATION_NAME: Final = "ext_proc"
@@ -83,13 +84,19 @@ class Telemetry:
 
 
 def build_telemetry(
-    sampler: Sampler | None = None, exporter: SpanExporter | None = None, *, from_env: bool = True
+    sampler: Sampler | None = None, exporter: SpanExporter | None = None, *, from_env: bool = True,
+    span_stats: SpanPipelineStats | None = None,
 ) -> Telemetry:
-    """Provider + batch export. Tests pass an in-memory exporter and from_env=False."""
+    """Provider + batch export. Tests pass an in-memory exporter and from_env=False.
+
+    With `span_stats` the batch processor counts what it drops, exports and fails.
+    """
     provider = TracerProvider(resource=build_resource(), sampler=sampler)
     if exporter is None and from_env:
         exporter = build_span_exporter()
     if exporter is not None:
-        provider.add_span_processor(BatchSpanProcessor(exporter))
+        provider.add_span_processor(
+            BatchSpanProcessor(exporter) if span_stats is None
+            else BoundedSpanProcessor(exporter, span_stats))
     tracer = provider.get_tracer(INSTRUMENTATION_NAME, ext_proc.__version__)
     return Telemetry(provider, tracer)

@@ -1,0 +1,121 @@
+"""RED metrics (a `StreamObserver`) and the sidecar's own stream/phase metrics.
+
+Instruments are created once. Recording happens after Envoy has its answers:
+`RedMetrics.stream_finished` runs when the stream closes, `PhaseTimer.observe`
+after the phase's answer is written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any, Final
+
+from opentelemetry.context import Context
+from opentelemetry.metrics import CallbackOptions, Meter, Observation
+from opentelemetry.trace import NonRecordingSpan, set_span_in_context
+
+from ext_proc import semconv as sc
+from ext_proc.config.telemetry import MetricsSettings
+from ext_proc.seams import ExchangeRecord
+
+REQUEST_DURATION: Final = "http.server.request.duration"
+ACTIVE_REQUESTS: Final = "http.server.active_requests"
+PHASE_DURATION: Final = "extproc.phase.duration"
+ACTIVE_STREAMS: Final = "extproc.stream.active"
+REJECTED_HEADERS: Final = "extproc.propagation.rejected"
+PHASE: Final = "extproc.phase"
+FORMAT: Final = "extproc.propagation.format"
+TENANT_ID: Final = "tenant.id"
+
+# The stable HTTP semantic conventions' advice for http.server.request.duration.
+DURATION_BUCKETS: Final = (
+    0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+)
+# ext_proc phases take micro- to milliseconds.
+PHASE_BUCKETS: Final = (
+    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
+    0.025, 0.05, 0.1, 0.2,
+)
+
+
+class RedMetrics:
+    """Rate, errors, duration per method/route/status, with bounded attribute values."""
+
+    def __init__(self, meter: Meter, settings: MetricsSettings) -> None:
+        self._settings = settings
+        self._duration = meter.create_histogram(
+            REQUEST_DURATION, unit="s", description="Duration of HTTP server requests.",
+            explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
+        )
+        self._active = meter.create_up_down_counter(
+            ACTIVE_REQUESTS, unit="{request}", description="Number of active HTTP server requests.",
+        )
+
+    def route(self, route: str | None) -> str:
+        """The route template, or the placeholder when unknown, absent or too long."""
+        if not route or len(route) > self._settings.max_route_length:
+            return self._settings.route_placeholder
+        return route
+
+    @staticmethod
+    def method(method: str | None) -> str:
+        return method if method in sc.KNOWN_METHODS else sc.OTHER_METHOD
+
+    def attributes(self, record: ExchangeRecord) -> dict[str, Any]:
+        attrs: dict[str, Any] = {
+            sc.HTTP_REQUEST_METHOD: self.method(record.method),
+            sc.HTTP_ROUTE: self.route(record.route),
+        }
+        if record.status and 100 <= record.status <= 599:
+            attrs[sc.HTTP_RESPONSE_STATUS_CODE] = record.status
+        if record.error_type:
+            attrs[sc.ERROR_TYPE] = record.error_type
+        if self._settings.tenant_attribute and record.tenant:
+            attrs[TENANT_ID] = record.tenant
+        return attrs
+
+    def stream_started(self, method: str | None, route: str | None) -> None:
+        self._active.add(1, {sc.HTTP_REQUEST_METHOD: self.method(method)})
+
+    def stream_finished(self, record: ExchangeRecord) -> None:
+        if record.method is not None:  # stream_started ran (the request was seen)
+            self._active.add(-1, {sc.HTTP_REQUEST_METHOD: self.method(record.method)})
+        context: Context | None = None
+        if self._settings.exemplars and record.span_context.is_valid:
+            context = set_span_in_context(NonRecordingSpan(record.span_context))
+        self._duration.record(max(record.duration_s, 0.0), self.attributes(record), context)
+
+
+class RuntimeMetrics:
+    """Per-phase processing time, active streams and rejected trace-context headers."""
+
+    def __init__(self, meter: Meter) -> None:
+        self._meter = meter
+        self._phase = meter.create_histogram(
+            PHASE_DURATION, unit="s",
+            description="Time the sidecar spent answering one ext_proc message, by phase.",
+            explicit_bucket_boundaries_advisory=PHASE_BUCKETS,
+        )
+        self._phase_attrs: dict[str, dict[str, str]] = {}
+
+    def phase_done(self, phase: str | None, elapsed_ns: int) -> None:
+        """Record one answered message (call after the answer is written)."""
+        name = phase or "unknown"
+        attrs = self._phase_attrs.get(name)
+        if attrs is None:
+            attrs = self._phase_attrs.setdefault(name, {PHASE: name})
+        self._phase.record(elapsed_ns / 1e9, attrs)
+
+    def observe_streams(self, active: Callable[[], int]) -> None:
+        def callback(_options: CallbackOptions) -> Iterable[Observation]:
+            return [Observation(active())]
+        self._meter.create_observable_up_down_counter(
+            ACTIVE_STREAMS, [callback], unit="{stream}",
+            description="ext_proc streams open right now.")
+
+    def observe_rejections(self, snapshot: Callable[[], dict[str, int]]) -> None:
+        def callback(_options: CallbackOptions) -> Iterable[Observation]:
+            return [Observation(n, {FORMAT: fmt}) for fmt, n in snapshot().items()]
+        self._meter.create_observable_counter(
+            REJECTED_HEADERS, [callback], unit="{header}",
+            description="Incoming trace-context headers rejected as invalid, by format.")

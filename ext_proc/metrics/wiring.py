@@ -1,0 +1,89 @@
+"""Everything beyond traces, built once and handed to the app: metrics, OTLP logs, admin.
+
+`app.build_sidecar` calls `build_observability`, passes `span_stats` to
+`build_telemetry`, `observers` to `StreamDeps`, `phase_timer` to the servicer,
+then `watch(...)`; `Sidecar.start/stop` call `start`/`stop`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from opentelemetry.sdk.resources import Resource
+
+from ext_proc.admin import AdminEndpoints, AdminServer
+from ext_proc.config import Settings
+from ext_proc.metrics.pipeline import Metrics, build_metrics
+from ext_proc.metrics.spans import SpanPipelineStats
+from ext_proc.otlp_logs import OtlpLogs, build_otlp_logs
+from ext_proc.seams import StreamObserver
+from ext_proc.telemetry import build_resource
+
+
+@dataclass
+class Observability:
+    settings: Settings
+    metrics: Metrics | None
+    logs: OtlpLogs | None
+    admin: AdminServer | None = None
+    _stopped: bool = field(default=False, repr=False)
+
+    @property
+    def span_stats(self) -> SpanPipelineStats | None:
+        return self.metrics.spans if self.metrics else None
+
+    @property
+    def observers(self) -> tuple[StreamObserver, ...]:
+        red = self.metrics.red if self.metrics else None
+        return (red,) if red is not None else ()
+
+    @property
+    def phase_timer(self) -> Callable[[str | None, int], None] | None:
+        runtime = self.metrics.runtime if self.metrics else None
+        return runtime.phase_done if runtime is not None else None
+
+    def watch(self, active_streams: Callable[[], int],
+              rejections: Callable[[], dict[str, int]]) -> None:
+        """Observe live values of the built app (called once)."""
+        runtime = self.metrics.runtime if self.metrics else None
+        if runtime is not None:
+            runtime.observe_streams(active_streams)
+            runtime.observe_rejections(rejections)
+
+    async def start(self, ready: Callable[[], bool]) -> int | None:
+        """Install the OTLP log sink and start the admin endpoint; returns its port."""
+        if self.logs is not None:
+            self.logs.install()
+        if self.settings.admin.listen is None:
+            return None
+        pull = self.metrics.pull if self.metrics else None
+        self.admin = AdminServer(self.settings.admin, AdminEndpoints(
+            ready=ready,
+            config=self.settings.model_dump(mode="json"),
+            scrape=pull.scrape if pull is not None else None,
+        ))
+        return await self.admin.start()
+
+    async def stop(self) -> None:
+        """Final metrics export, log flush, then the admin endpoint (idempotent)."""
+        if self._stopped:
+            return
+        self._stopped = True
+        try:
+            if self.metrics is not None:
+                self.metrics.shutdown(timeout_s=self.settings.server.grace_s)
+            if self.logs is not None:
+                self.logs.shutdown()
+        finally:
+            if self.admin is not None:
+                await self.admin.stop()
+
+
+def build_observability(settings: Settings, resource: Resource | None = None,
+                        env: Mapping[str, str] | None = None) -> Observability:
+    """Metrics (with a scrape reader when the admin endpoint is on) and OTLP logs."""
+    resource = resource or build_resource()
+    pull = settings.admin.listen is not None and settings.admin.metrics
+    metrics = build_metrics(settings.metrics, resource, pull=pull, env=env)
+    return Observability(settings, metrics, build_otlp_logs(settings.otlp_logs, resource, env=env))
