@@ -254,6 +254,12 @@ async def _wait(predicate: Any, timeout: float = 5.0) -> bool:
 
 
 @pytest.fixture(autouse=True)
+def _no_metrics_export(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In-process sidecars export no metrics (nothing listens on the OTLP default)."""
+    monkeypatch.setenv("OTEL_METRICS_EXPORTER", "none")
+
+
+@pytest.fixture(autouse=True)
 def _quiet_logs() -> Any:
     """Keep the sidecar's default stderr handler out of the test output."""
     logger.remove()
