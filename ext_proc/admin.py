@@ -30,7 +30,8 @@ class AdminEndpoints:
     """What the endpoint reports; callables are read per request."""
 
     ready: Callable[[], bool]
-    config: dict[str, object] | None = None  # the effective config, secrets already masked
+    # the effective config, secrets already masked; read per request (sampling rules reload)
+    config: Callable[[], dict[str, object]] | None = None
     scrape: Scrape | None = None  # (Accept header) -> (content type, body)
 
 
@@ -71,8 +72,6 @@ class AdminServer:
         self._host, self._port = split_host_port(settings.listen)
         self._settings = settings
         self._endpoints = endpoints
-        self._config_body = (json.dumps(endpoints.config, indent=2) + "\n").encode() \
-            if endpoints.config is not None else None
         self._server: asyncio.Server | None = None
         self.port = 0
 
@@ -125,8 +124,8 @@ class AdminServer:
         if request.path == "/metrics" and ep.scrape is not None and self._settings.metrics:
             ctype, body = await asyncio.to_thread(ep.scrape, request.accept)
             return HTTPStatus.OK, ctype, body
-        if request.path == "/config" and self._config_body is not None and self._settings.config:
-            return HTTPStatus.OK, _JSON, self._config_body
+        if request.path == "/config" and ep.config is not None and self._settings.config:
+            return HTTPStatus.OK, _JSON, (json.dumps(ep.config(), indent=2) + "\n").encode()
         return HTTPStatus.NOT_FOUND, _TEXT, b"not found\n"
 
     @staticmethod

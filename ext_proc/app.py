@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 from dataclasses import dataclass
 from types import FrameType
 
@@ -14,13 +15,19 @@ from loguru import logger
 import ext_proc
 from ext_proc._gen.envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from ext_proc.access_log import AccessLog
-from ext_proc.config import SamplingSettings, Settings
+from ext_proc.config import Settings
 from ext_proc.metrics.wiring import Observability, build_observability
 from ext_proc.policy import RequestPolicy
 from ext_proc.propagation import PropagatorCache, Rejections
 from ext_proc.redaction import Redactor
 from ext_proc.route_options import RouteOptionsCache
-from ext_proc.sampling import RulesWatcher, SamplingPolicy, build_sampling, load_rules
+from ext_proc.sampling import (
+    KeepErrorsProcessor,
+    RulesWatcher,
+    SamplingPolicy,
+    build_sampling,
+    load_rules,
+)
 from ext_proc.servicer import ExternalProcessor
 from ext_proc.stream import StreamDeps
 from ext_proc.telemetry import Telemetry, build_telemetry
@@ -57,21 +64,23 @@ class Sidecar:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self.serving = True
         if self.observability is not None:
-            self.admin_port = await self.observability.start(lambda: self.serving)
+            self.admin_port = await self.observability.start(lambda: self.serving,
+                                                             self.effective_config)
         self._watch_rules()
         return self.port
+
+    def effective_config(self) -> dict[str, object]:
+        """Settings (secrets masked) plus the sampling rules in force right now."""
+        return {**self.settings.model_dump(mode="json"),
+                "sampling_active": self.sampling.describe()}
 
     def _watch_rules(self) -> None:
         sampling = self.settings.sampling
         if sampling.rules_file is None:
             return
 
-        def reloaded(new: SamplingSettings) -> None:
-            self.sampling.reload(new)
-            logger.info("sampling rules reloaded", path=str(sampling.rules_file))
-
         self.rules_watcher = RulesWatcher(
-            sampling.rules_file, reloaded, base=sampling,
+            sampling.rules_file, self.sampling.reload, base=sampling,
             interval_s=sampling.reload_interval_s, loaded_digest=self.sampling_digest)
         self.rules_watcher.start()
 
@@ -102,8 +111,10 @@ def build_sampling_policy(settings: Settings) -> tuple[SamplingPolicy, str | Non
 def build_sidecar(settings: Settings, telemetry: Telemetry | None = None) -> Sidecar:
     observability = build_observability(settings)
     sampling, digest = build_sampling_policy(settings)
-    telemetry = telemetry or build_telemetry(sampler=sampling.sampler,
-                                             span_stats=observability.span_stats)
+    keep = settings.sampling.keep_errors
+    telemetry = telemetry or build_telemetry(
+        sampler=sampling.sampler, span_stats=observability.span_stats,
+        wrap=lambda inner: KeepErrorsProcessor.from_settings(inner, keep, time.monotonic))
     rejections = Rejections()
     propagators = PropagatorCache(rejections)
     deps = StreamDeps(

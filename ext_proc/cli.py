@@ -61,12 +61,13 @@ def serve(config_file: Path | None, listen: str | None, log_format: str | None,
         log={"format": log_format, "level": log_level.upper() if log_level else None},
         admin={"listen": admin},
     ))
+    from ext_proc.sampling import RulesFileError
     from ext_proc.telemetry import TelemetryConfigError
 
     configure_logging(settings.log)
     try:
         asyncio.run(run_server(settings))
-    except (TelemetryConfigError, OSError) as exc:
+    except (TelemetryConfigError, RulesFileError, OSError) as exc:
         click.echo(f"cannot start: {exc}", err=True)
         sys.exit(2)
 
@@ -74,9 +75,19 @@ def serve(config_file: Path | None, listen: str | None, log_format: str | None,
 @main.command("check-config")
 @_config_option
 def check_config(config_file: Path | None) -> None:
-    """Print the effective configuration (secrets masked); exit 2 when invalid."""
+    """Print the effective configuration (secrets masked) and the sampling rules in
+    force (with the rules file applied); exit 2 when invalid."""
+    from ext_proc.app import build_sampling_policy
+    from ext_proc.sampling import RulesFileError
+
     settings = _load(config_file, {})
-    click.echo(json.dumps(settings.model_dump(mode="json"), indent=2))
+    try:
+        policy, _ = build_sampling_policy(settings)
+    except RulesFileError as exc:
+        click.echo(f"invalid configuration:\nsampling.rules_file: {exc}", err=True)
+        sys.exit(2)
+    shown = {**settings.model_dump(mode="json"), "sampling_active": policy.describe()}
+    click.echo(json.dumps(shown, indent=2))
 
 
 @main.command("envoy-config")

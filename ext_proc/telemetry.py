@@ -10,12 +10,12 @@ resource; ``OTEL_TRACES_SAMPLER[_ARG]`` for the default sampler.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Final
 
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import (
     BatchSpanProcessor,
     ConsoleSpanExporter,
@@ -86,17 +86,19 @@ class Telemetry:
 def build_telemetry(
     sampler: Sampler | None = None, exporter: SpanExporter | None = None, *, from_env: bool = True,
     span_stats: SpanPipelineStats | None = None,
+    wrap: Callable[[SpanProcessor], SpanProcessor] | None = None,
 ) -> Telemetry:
     """Provider + batch export. Tests pass an in-memory exporter and from_env=False.
 
-    With `span_stats` the batch processor counts what it drops, exports and fails.
+    With `span_stats` the batch processor counts what it drops, exports and fails;
+    `wrap` decorates the exporting processor (keep-errors sampling).
     """
     provider = TracerProvider(resource=build_resource(), sampler=sampler)
     if exporter is None and from_env:
         exporter = build_span_exporter()
     if exporter is not None:
-        provider.add_span_processor(
-            BatchSpanProcessor(exporter) if span_stats is None
-            else BoundedSpanProcessor(exporter, span_stats))
+        processor: SpanProcessor = (BatchSpanProcessor(exporter) if span_stats is None
+                                    else BoundedSpanProcessor(exporter, span_stats))
+        provider.add_span_processor(wrap(processor) if wrap is not None else processor)
     tracer = provider.get_tracer(INSTRUMENTATION_NAME, ext_proc.__version__)
     return Telemetry(provider, tracer)

@@ -51,7 +51,8 @@ class Observability:
             runtime.observe_streams(active_streams)
             runtime.observe_rejections(rejections)
 
-    async def start(self, ready: Callable[[], bool]) -> int | None:
+    async def start(self, ready: Callable[[], bool],
+                    config: Callable[[], dict[str, object]] | None = None) -> int | None:
         """Install the OTLP log sink and start the admin endpoint; returns its port."""
         if self.logs is not None:
             self.logs.install()
@@ -60,7 +61,7 @@ class Observability:
         pull = self.metrics.pull if self.metrics else None
         self.admin = AdminServer(self.settings.admin, AdminEndpoints(
             ready=ready,
-            config=self.settings.model_dump(mode="json"),
+            config=config or (lambda: self.settings.model_dump(mode="json")),
             scrape=pull.scrape if pull is not None else None,
         ))
         return await self.admin.start()

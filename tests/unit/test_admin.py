@@ -58,7 +58,7 @@ def scrape(accept: str | None) -> tuple[str, bytes]:
 
 async def test_health_ready_metrics_config_and_errors() -> None:
     ready = [True]
-    endpoints = AdminEndpoints(ready=lambda: ready[0], config={"a": {"secret": "**********"}},
+    endpoints = AdminEndpoints(ready=lambda: ready[0], config=lambda: {"a": {"secret": "**********"}},
                                scrape=scrape)
     async with serving(endpoints) as port:
         assert (await get(port, "/healthz"))[0] == 200
@@ -82,7 +82,7 @@ async def test_health_ready_metrics_config_and_errors() -> None:
 
 
 async def test_metrics_and_config_can_be_switched_off() -> None:
-    endpoints = AdminEndpoints(ready=lambda: True, config={"a": 1}, scrape=scrape)
+    endpoints = AdminEndpoints(ready=lambda: True, config=lambda: {"a": 1}, scrape=scrape)
     settings = AdminSettings(listen="127.0.0.1:0", metrics=False, config=False)
     async with serving(endpoints, settings) as port:
         assert (await get(port, "/metrics"))[0] == 404
