@@ -11,8 +11,8 @@ import re
 import sys
 from pathlib import Path
 
-from grpc_tools import protoc
 import grpc_tools
+from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parent
 OUT = ROOT.parent / "ext_proc" / "_gen"
@@ -30,7 +30,8 @@ def main() -> int:
         return 1
     for path in OUT.rglob("*.py*"):
         text = path.read_text()
-        fixed = _IMPORT.sub(lambda m: f"from ext_proc._gen.{m.group(1)}{m.group(2) or ''} import ", text)
+        fixed = _IMPORT.sub(
+            lambda m: f"from ext_proc._gen.{m.group(1)}{m.group(2) or ''} import ", text)
         if fixed != text:
             path.write_text(fixed)
     for directory in [OUT, *(p for p in OUT.rglob("*") if p.is_dir())]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any

@@ -63,7 +63,8 @@ def tag() -> str:
     return uuid.uuid4().hex
 
 
-def gateway_spans(receiver: OtlpReceiver, pred: Callable[[ReceivedSpan], bool]) -> list[ReceivedSpan]:
+def gateway_spans(receiver: OtlpReceiver,
+                  pred: Callable[[ReceivedSpan], bool]) -> list[ReceivedSpan]:
     return [s for s in receiver.spans()
             if s.resource.get("service.name") == SIDECAR_SERVICE and pred(s)]
 

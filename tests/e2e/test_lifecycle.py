@@ -79,7 +79,7 @@ class _HttpOtlp(ThreadingHTTPServer):
 class _HttpOtlpHandler(BaseHTTPRequestHandler):
     server: _HttpOtlp
 
-    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+    def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers.get("content-length", "0")))
         request = trace_service_pb2.ExportTraceServiceRequest.FromString(body)
         with self.server.cond:

@@ -152,7 +152,7 @@ def test_trace_id_goes_back_to_the_client_when_asked(tmp_path: Path) -> None:
     finally:
         receiver.stop()
     assert reply.headers["x-trace-id"] == [span.trace_id]
-    trace_id, span_id, flags = _traceparent_of(reply.headers["traceresponse"][0])
+    trace_id, span_id, _ = _traceparent_of(reply.headers["traceresponse"][0])
     assert (trace_id, span_id) == (span.trace_id, span.span_id)
     timing = ",".join(reply.headers["server-timing"])
     assert f"trace;desc=00-{span.trace_id}-{span.span_id}-" in timing

@@ -242,10 +242,10 @@ async def test_concurrent_streams_leave_no_state_behind() -> None:
         assert {s.attributes["url.path"] for s in errors} == {f"/abort{i}" for i in range(30)}
 
 
-async def _wait(predicate: Any, timeout: float = 5.0) -> bool:
+async def _wait(predicate: Any, limit_s: float = 5.0) -> bool:
     """Wait on a condition (the server runs on this loop, so yield to it)."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
+    deadline = loop.time() + limit_s
     while not predicate():
         if loop.time() > deadline:
             return False

@@ -58,8 +58,8 @@ def scrape(accept: str | None) -> tuple[str, bytes]:
 
 async def test_health_ready_metrics_config_and_errors() -> None:
     ready = [True]
-    endpoints = AdminEndpoints(ready=lambda: ready[0], config=lambda: {"a": {"secret": "**********"}},
-                               scrape=scrape)
+    endpoints = AdminEndpoints(ready=lambda: ready[0],
+                               config=lambda: {"a": {"secret": "**********"}}, scrape=scrape)
     async with serving(endpoints) as port:
         assert (await get(port, "/healthz"))[0] == 200
         assert (await get(port, "/readyz"))[0] == 200

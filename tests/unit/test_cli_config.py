@@ -52,7 +52,7 @@ def test_bad_config_names_the_key(tmp_path: Path, yaml_text: str, needle: str) -
 def test_unparsable_and_missing_files_are_clear_errors(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("server: [unclosed\n")
-    with pytest.raises(ConfigError, match="bad.yaml"):
+    with pytest.raises(ConfigError, match=r"bad\.yaml"):
         load_settings(bad)
     with pytest.raises(ConfigError, match="not a readable file"):
         load_settings(tmp_path / "missing.yaml")
