@@ -27,6 +27,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 ROOT: Final = Path(__file__).resolve().parents[1]
 ENVOY_YAML: Final = ROOT / "envoy" / "envoy.yaml"
+ENVOY_MTLS_YAML: Final = ROOT / "envoy" / "envoy-mtls.yaml"
+TLS_DIR: Final = "/etc/extproc-otel/tls"  # where the shipped mTLS config reads its PEM files
+TLS_SERVER_NAME: Final = "extproc-otel"  # the SAN envoy-mtls.yaml expects of the sidecar
 
 Config = dict[str, Any]
 
@@ -88,7 +91,8 @@ def render_envoy_config(ports: Ports, access_log: Path, source: Path = ENVOY_YAM
         if cluster["name"] in by_name:
             _set_endpoint_port(cluster, by_name[cluster["name"]])
     for log in hcm_of(config).get("access_log", []):
-        log["typed_config"]["path"] = str(access_log)
+        if log["name"] == "envoy.access_loggers.file":
+            log["typed_config"]["path"] = str(access_log)
     return config
 
 
@@ -156,8 +160,28 @@ def _http_ok(url: str) -> bool:
         return False
 
 
-def _grpc_serving(target: str) -> bool:
-    with grpc.insecure_channel(target) as channel:
+def rewrite_tls_dir(config: Any, directory: Path, prefix: str = TLS_DIR) -> None:
+    """Point every ``filename`` under `prefix` (the shipped TLS mount) into `directory`."""
+    if isinstance(config, dict):
+        for key, value in config.items():
+            if key == "filename" and isinstance(value, str) and value.startswith(prefix + "/"):
+                config[key] = str(directory / value.removeprefix(prefix + "/"))
+            else:
+                rewrite_tls_dir(value, directory, prefix)
+    elif isinstance(config, list):
+        for item in config:
+            rewrite_tls_dir(item, directory, prefix)
+
+
+def _grpc_channel(target: str, credentials: grpc.ChannelCredentials | None) -> grpc.Channel:
+    if credentials is None:
+        return grpc.insecure_channel(target)
+    return grpc.secure_channel(target, credentials,
+                               options=[("grpc.ssl_target_name_override", TLS_SERVER_NAME)])
+
+
+def _grpc_serving(target: str, credentials: grpc.ChannelCredentials | None = None) -> bool:
+    with _grpc_channel(target, credentials) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(), timeout=1)
@@ -178,8 +202,10 @@ class Stack:
         sidecar_env: Mapping[str, str] | None = None,
         mutate_config: Callable[[Config], None] | None = None,
         envoy_source: Path = ENVOY_YAML,
+        sidecar_credentials: grpc.ChannelCredentials | None = None,  # for a TLS listener
     ) -> None:
         self.workdir = workdir
+        self.sidecar_credentials = sidecar_credentials
         self.ports = Ports()
         self.access_log = workdir / "envoy-access.log"
         self.access_log.touch()
@@ -243,7 +269,7 @@ class Stack:
 
     def wait_sidecar_ready(self, timeout: float = 30.0) -> None:
         self._wait_up(self.sidecar, lambda: _grpc_serving(
-            f"127.0.0.1:{self.ports.sidecar}"), timeout)
+            f"127.0.0.1:{self.ports.sidecar}", self.sidecar_credentials), timeout)
 
     def _wait_up(self, proc: Proc, ready: Callable[[], bool], timeout: float) -> None:
         def check() -> bool:

@@ -8,6 +8,7 @@ from typing import Any, Final
 from opentelemetry.trace import Span, Status, StatusCode
 
 from ext_proc import semconv as sc
+from ext_proc.access_log_service import FinalFacts
 from ext_proc.envoy_attrs import FLAG_ERROR_TYPES, EnvoyAttributes, response_flag_names
 
 _UNSET: Final = Status(StatusCode.UNSET)
@@ -54,6 +55,24 @@ def interrupted(result: Outcome) -> Outcome:
     went away mid-response): an error whatever the status code said."""
     result.error_type = result.attributes[sc.ERROR_TYPE] = sc.ERROR_RESPONSE_INCOMPLETE
     result.status = Status(StatusCode.ERROR, "stream reset after the response started")
+    return result
+
+
+# Flags in Envoy's final access-log entry that mean the exchange was cut short after
+# the response had started (when the status we saw did not already say failure).
+RESET_FLAGS: Final = frozenset({"UR", "UC", "LR", "DC", "DR", "UPE", "SI", "DT", "UMSDR", "DPE"})
+
+
+def with_final_facts(result: Outcome, seen_status: int, final: FinalFacts) -> Outcome:
+    """Refine `result` with Envoy's own record of how the exchange ended."""
+    if final.body_bytes_sent is not None:
+        result.attributes[sc.HTTP_RESPONSE_BODY_SIZE] = final.body_bytes_sent
+    flags = final.response_flags
+    if flags:
+        known = result.attributes.get(sc.ENVOY_RESPONSE_FLAGS) or []
+        result.attributes[sc.ENVOY_RESPONSE_FLAGS] = list(dict.fromkeys([*known, *flags]))
+    if seen_status < 500 and result.error_type is None and RESET_FLAGS.intersection(flags):
+        result = interrupted(result)
     return result
 
 
@@ -125,3 +144,17 @@ def apply(span: Span, result: Outcome) -> None:
     span.set_attributes(result.attributes)
     if result.status.status_code is not StatusCode.UNSET:
         span.set_status(result.status)
+
+
+def exchange_outcome(status: int | None, grpc_status: str | None, is_grpc: bool,
+                     envoy: EnvoyAttributes | None, extra: dict[str, Any],
+                     final: FinalFacts | None, reset: bool) -> Outcome:
+    """The gateway span's ending. `status` None: no response was seen; `final`: Envoy's
+    access-log entry, when joined; `reset`: the stream was reset after the response."""
+    if status is None:
+        return aborted()
+    result = outcome(status, grpc_status, is_grpc, envoy)
+    result.attributes.update(extra)
+    if final is not None:
+        return with_final_facts(result, status, final)
+    return interrupted(result) if reset else result

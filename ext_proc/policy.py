@@ -60,10 +60,10 @@ class RequestPolicy:
     # -- after the answer ------------------------------------------------------------
 
     def request_attributes(self, carrier: Carrier, raw_target: str,
-                           envoy: EnvoyAttributes) -> dict[str, Any]:
-        """Redacted query, captured headers and auth annotation."""
+                           envoy: EnvoyAttributes, tenant: str | None) -> dict[str, Any]:
+        """Redacted query, captured headers, auth annotation and the tenant."""
         redactor = self.redactor
-        attrs: dict[str, Any] = {}
+        attrs: dict[str, Any] = {TENANT_ID: tenant} if tenant is not None else {}
         _, query = redactor.path_and_query(raw_target)
         if query is not None:
             attrs[sc.URL_QUERY] = query

@@ -42,6 +42,7 @@ class ExchangeRecord:
     started: bool = True  # False: no request_headers were seen (stream_started not called)
     path: str | None = None  # url.path, never the query
     request_id: str | None = None
+    response_body_size: int | None = None  # bytes sent downstream (from Envoy's access log)
 
 
 class StreamObserver(Protocol):

@@ -23,6 +23,7 @@ HTTP_REQUEST_METHOD_ORIGINAL: Final = http_attributes.HTTP_REQUEST_METHOD_ORIGIN
 HTTP_RESPONSE_STATUS_CODE: Final = http_attributes.HTTP_RESPONSE_STATUS_CODE
 HTTP_ROUTE: Final = http_attributes.HTTP_ROUTE
 HTTP_REQUEST_RESEND_COUNT: Final = http_attributes.HTTP_REQUEST_RESEND_COUNT
+HTTP_RESPONSE_BODY_SIZE: Final = "http.response.body.size"
 URL_SCHEME: Final = url_attributes.URL_SCHEME
 URL_PATH: Final = url_attributes.URL_PATH
 URL_QUERY: Final = url_attributes.URL_QUERY

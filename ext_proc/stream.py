@@ -21,10 +21,12 @@ from opentelemetry.trace.propagation import set_span_in_context
 
 from ext_proc import semconv as sc
 from ext_proc._gen.envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from ext_proc.access_log_service import FinalFacts
 from ext_proc.envoy_attrs import EnvoyAttributes
+from ext_proc.finalizer import AccessLogJoin
 from ext_proc.headers import Carrier, carrier_from_headers, first, header_mutation
-from ext_proc.outcome import aborted, apply, client_outcome, interrupted, outcome
-from ext_proc.policy import TENANT_ID, RequestPolicy
+from ext_proc.outcome import apply, client_outcome, exchange_outcome
+from ext_proc.policy import RequestPolicy
 from ext_proc.request_info import RequestInfo, request_info
 from ext_proc.route_options import DEFAULT as DEFAULT_ROUTE_OPTIONS
 from ext_proc.route_options import RouteOptions
@@ -44,6 +46,7 @@ class StreamDeps:
     policy: RequestPolicy | None = None  # tenants, sampling, redaction
     graceful_close: bool = True  # Envoy runs with ext_proc_graceful_grpc_close
     upstream_span: bool = False  # a CLIENT span around the upstream call
+    finalizer: AccessLogJoin | None = None  # joins Envoy's access log (ALS) entries
 
 
 _EMPTY: Final = {
@@ -198,15 +201,14 @@ class StreamSession:
             return
         try:
             envoy = EnvoyAttributes.of(request.attributes, self._deps.attributes_namespace)
-            span.set_attributes(facts.late_attributes(envoy))
+            attrs = facts.late_attributes(envoy)
             policy = self._deps.policy
             if policy is not None:
-                span.set_attributes(policy.request_attributes(
-                    carrier, first(carrier, ":path") or "", envoy))
+                attrs.update(policy.request_attributes(carrier, first(carrier, ":path") or "",
+                                                       envoy, self._tenant))
             elif facts.query is not None:
-                span.set_attribute(sc.URL_QUERY, facts.query)
-            if self._tenant is not None:
-                span.set_attribute(TENANT_ID, self._tenant)
+                attrs[sc.URL_QUERY] = facts.query
+            span.set_attributes(attrs)
             if facts.route is None:
                 route = facts.route_template(
                     request.metadata_context, self._deps.metadata_namespace
@@ -230,31 +232,43 @@ class StreamSession:
             client.end()
 
     def close(self) -> None:
-        """End the span exactly once; safe to call more than once."""
+        """The stream ended: end the span exactly once (now, or when Envoy's access log
+        entry for this exchange arrives, if the sidecar joins them); safe to repeat."""
         if self._closed:
             return
         self._closed = True
         self.record()
+        self._end_client()
+        if self.span is None:
+            return
+        end_ns = time.time_ns()
+        finalizer = self._deps.finalizer
+        request_id = self._facts.request_id if self._facts else None
+        if finalizer is not None and request_id:
+            finalizer.defer(request_id, lambda final: self._complete(end_ns, final))
+        else:
+            self._complete(end_ns, None)
+
+    def _complete(self, end_ns: int, final: FinalFacts | None) -> None:
         span = self.span
         if span is None:
             return
-        self._end_client()
-        end_ns = time.time_ns()
         error_type: str | None = None
         try:
-            error_type = self._finish(span)
+            error_type = self._finish(span, final)
         except Exception:
             logger.opt(exception=True).error("finishing span failed")
         finally:
             span.end(end_time=end_ns)
         if self._deps.observers:
-            self._notify(span, end_ns, error_type)
+            self._notify(span, end_ns, error_type, final)
         self.span = None
         self._facts = None
         self._response_attrs = None
         self._carrier = None
 
-    def _notify(self, span: Span, end_ns: int, error_type: str | None) -> None:
+    def _notify(self, span: Span, end_ns: int, error_type: str | None,
+                final: FinalFacts | None) -> None:
         facts = self._facts
         record = ExchangeRecord(
             method=facts.method if facts else None,
@@ -268,6 +282,7 @@ class StreamSession:
             grpc_status=self._grpc_status,
             tenant=self._tenant,
             started=self._started,
+            response_body_size=final.body_bytes_sent if final is not None else None,
         )
         for observer in self._deps.observers:
             try:
@@ -275,18 +290,13 @@ class StreamSession:
             except Exception:
                 logger.opt(exception=True).error("stream observer failed")
 
-    def _finish(self, span: Span) -> str | None:
+    def _finish(self, span: Span, final: FinalFacts | None) -> str | None:
         """Final attributes and status; returns the error.type recorded, if any."""
-        if self._status is None:
-            result = aborted()
-        else:
-            facts = self._facts
-            result = outcome(self._status, self._grpc_status, bool(facts and facts.is_grpc),
-                             self._response_attrs)
-            if self._carrier and self._deps.policy is not None:
-                result.attributes.update(self._deps.policy.response_attributes(self._carrier))
-            if self.cancelled and self._deps.graceful_close:
-                result = interrupted(result)
+        policy = self._deps.policy
+        extra = policy.response_attributes(self._carrier) if self._carrier and policy else {}
+        result = exchange_outcome(
+            self._status, self._grpc_status, bool(self._facts and self._facts.is_grpc),
+            self._response_attrs, extra, final, self.cancelled and self._deps.graceful_close)
         apply(span, result)
         return result.error_type
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from ipaddress import ip_address
+from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
 
@@ -41,12 +42,70 @@ class ServerSettings(BaseModel):
     max_concurrent_streams: int = Field(
         10_000, ge=1, description="HTTP/2 streams the gRPC server accepts per connection.",
     )
+    workers: int = Field(
+        1, ge=1, le=256,
+        description=(
+            "Sidecar processes sharing the listen port (SO_REUSEPORT) under a supervisor "
+            "that restarts a dead one; use with envoy/envoy-workers.yaml's cluster settings "
+            "so Envoy spreads its streams over several connections."
+        ),
+    )
+    max_receive_message_bytes: int = Field(
+        4 * 1024 * 1024, ge=64 * 1024, le=64 * 1024 * 1024,
+        description=(
+            "Largest ext_proc message accepted (grpc.max_receive_message_length); a larger "
+            "one fails that stream with RESOURCE_EXHAUSTED, others continue."
+        ),
+    )
+    tls_cert_file: Path | None = Field(
+        None,
+        description=(
+            "PEM certificate chain of the gRPC listener. With tls_key_file it turns on TLS; "
+            "read once at startup."
+        ),
+    )
+    tls_key_file: Path | None = Field(
+        None, description="PEM private key matching tls_cert_file.",
+    )
+    tls_client_ca_file: Path | None = Field(
+        None,
+        description=(
+            "PEM CA bundle that client (Envoy) certificates are verified against: mTLS. "
+            "Needs tls_cert_file and tls_key_file."
+        ),
+    )
+    require_client_cert: bool = Field(
+        True,
+        description=(
+            "With tls_client_ca_file: refuse clients without a valid certificate. False "
+            "verifies a certificate only when one is presented."
+        ),
+    )
+    allow_insecure_non_loopback: bool = Field(
+        False,
+        description=(
+            "Allow a plaintext listener on a non-loopback address (a warning is logged). "
+            "Without it the sidecar refuses to start there unless TLS is configured."
+        ),
+    )
 
     @field_validator("listen")
     @classmethod
     def _check_listen(cls, value: str) -> str:
         split_host_port(value)
         return value
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> ServerSettings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("server.tls_cert_file and server.tls_key_file go together")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("server.tls_client_ca_file needs tls_cert_file and tls_key_file")
+        return self
+
+    @property
+    def tls_enabled(self) -> bool:
+        return self.tls_cert_file is not None
 
 
 class LogSettings(BaseModel):
@@ -73,6 +132,20 @@ class StreamSettings(BaseModel):
             "was cut short (span marked error.type=response_incomplete). Set false for an "
             "Envoy without the flag, where every stream ends with a reset."
         ),
+    )
+    join_access_log: bool = Field(
+        True,
+        description=(
+            "Serve Envoy's gRPC access log (envoy.access_loggers.http_grpc to this sidecar, "
+            "as envoy/envoy.yaml does) and end each span only once Envoy's own entry for the "
+            "request arrived: its final flags reveal a response cut short after its headers "
+            "(UR/UC/UPE/DC), and give http.response.body.size. Without an access-log stream "
+            "from Envoy, spans end at once."
+        ),
+    )
+    join_timeout_s: float = Field(
+        1.0, gt=0, le=30,
+        description="How long a closed exchange waits for Envoy's access-log entry.",
     )
     upstream_span: bool = Field(
         False,

@@ -163,6 +163,30 @@ def test_upstream_reset_after_the_response_headers(endings: tuple[Stack, OtlpRec
     assert span.attributes["http.response.status_code"] == 200
     assert span.status_code == STATUS_ERROR
     assert span.attributes["error.type"] == "response_incomplete"
+    # joined from Envoy's access log: HTTP/1 calls a body short of its length UPE
+    assert {"UPE", "UR", "UC"} & set(span.attributes["envoy.response_flags"])
+    assert span.attributes["http.response.body.size"] == len(b"partial")
+
+
+def test_client_leaving_mid_response(endings: tuple[Stack, OtlpReceiver]) -> None:
+    stack, receiver = endings
+    t = tag()
+    with socket.create_connection(("127.0.0.1", stack.ports.listener), timeout=5) as sock:
+        sock.sendall(f"GET /cutter?tag={t} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        assert sock.recv(12).startswith(b"HTTP/1.1 200")  # the headers came; now leave
+    span = wait_gateway_span(receiver, with_query(t))
+    assert span.status_code == STATUS_ERROR
+    assert span.attributes["error.type"] == "response_incomplete"
+    assert "DC" in span.attributes["envoy.response_flags"]
+
+
+def test_body_size_comes_from_envoys_access_log(endings: tuple[Stack, OtlpReceiver]) -> None:
+    stack, receiver = endings
+    t = tag()
+    reply = http_request(stack.base_url, f"/api/users?tag={t}")
+    span = wait_gateway_span(receiver, with_query(t))
+    assert span.attributes["http.response.body.size"] == len(reply.body)
+    assert span.status_code != STATUS_ERROR
 
 
 def test_request_denied_before_ext_proc_still_gets_a_span(
@@ -244,7 +268,11 @@ def test_exactly_one_span_per_request_under_concurrency(
     def ours(s: ReceivedSpan) -> bool:
         return any(t in str(s.attributes.get("url.query", "")) or s.trace_id == t
                    for _, _, t in plan)
-    assert receiver.wait_for(lambda: len(gateway_spans(receiver, ours)) >= len(plan), 20)
+    receiver.wait_for(lambda: len(gateway_spans(receiver, ours)) >= len(plan), 20)
+    got = gateway_spans(receiver, ours)
+    missing = [k for k, _, t in plan if not any(
+        t in str(s.attributes.get("url.query", "")) or s.trace_id == t for s in got)]
+    assert not missing, (missing, stack.sidecar.output()[-2000:])
     spans = [s for s in gateway_spans(receiver, ours) if s.kind == SERVER_KIND]
     assert len(spans) == len(plan)
     assert len({s.span_id for s in spans}) == len(plan)  # no span ended (exported) twice
