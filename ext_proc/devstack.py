@@ -96,17 +96,27 @@ def render_envoy_config(ports: Ports, access_log: Path, source: Path = ENVOY_YAM
     return config
 
 
+HTTP_OPTIONS: Final = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+
+
+def static_cluster(name: str, port: int | None, *, http2: bool = False) -> Config:
+    """A STATIC loopback cluster (no endpoints when `port` is None: flag UH)."""
+    endpoints = [] if port is None else [{"lb_endpoints": [{"endpoint": {"address": {
+        "socket_address": {"address": "127.0.0.1", "port_value": port}}}}]}]
+    cluster: Config = {"name": name, "type": "STATIC", "connect_timeout": "0.25s",
+                       "load_assignment": {"cluster_name": name, "endpoints": endpoints}}
+    if http2:
+        cluster["typed_extension_protocol_options"] = {HTTP_OPTIONS: {
+            "@type": f"type.googleapis.com/{HTTP_OPTIONS}",
+            "explicit_http_config": {"http2_protocol_options": {}}}}
+    return cluster
+
+
 def add_dead_route(config: Config, prefix: str = "/down") -> None:
     """A route to a cluster nobody listens on (Envoy answers 503, flag UF)."""
-    port = free_port()
     routes = hcm_of(config)["route_config"]["virtual_hosts"][0]["routes"]
     routes.insert(0, {"name": "down", "match": {"prefix": prefix}, "route": {"cluster": "down"}})
-    config["static_resources"]["clusters"].append({
-        "name": "down", "type": "STATIC", "connect_timeout": "0.25s",
-        "load_assignment": {"cluster_name": "down", "endpoints": [{"lb_endpoints": [
-            {"endpoint": {"address": {"socket_address": {
-                "address": "127.0.0.1", "port_value": port}}}}]}]},
-    })
+    config["static_resources"]["clusters"].append(static_cluster("down", free_port()))
 
 
 class Proc:

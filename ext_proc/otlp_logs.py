@@ -28,7 +28,7 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, set_s
 
 import ext_proc
 from ext_proc.config.telemetry import OtlpLogsSettings
-from ext_proc.telemetry import TelemetryConfigError
+from ext_proc.telemetry import TelemetryConfigError, chosen_exporter
 
 if TYPE_CHECKING:
     from loguru import Message, Record
@@ -46,28 +46,20 @@ class OtlpLogsConfigError(TelemetryConfigError):
     """An OTEL_LOGS_* variable has a value we cannot use."""
 
 
+def _grpc_log_exporter() -> LogRecordExporter:
+    from opentelemetry.exporter.otlp.proto.grpc._log_exporter import OTLPLogExporter
+    return OTLPLogExporter()
+
+
+def _http_log_exporter() -> LogRecordExporter:
+    from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter
+    return OTLPLogExporter()
+
+
 def build_log_exporter(env: Mapping[str, str] | None = None) -> LogRecordExporter | None:
     """The exporter named by OTEL_LOGS_EXPORTER, or None for ``none``."""
-    env = os.environ if env is None else env
-    name = (env.get("OTEL_LOGS_EXPORTER") or "otlp").strip().lower()
-    if name == "none":
-        return None
-    if name == "console":
-        return ConsoleLogRecordExporter()
-    if name != "otlp":
-        raise OtlpLogsConfigError(f"OTEL_LOGS_EXPORTER={name!r}: use otlp, console or none")
-    protocol = (env.get("OTEL_EXPORTER_OTLP_LOGS_PROTOCOL")
-                or env.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc").strip().lower()
-    if protocol == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc._log_exporter import OTLPLogExporter
-        return OTLPLogExporter()
-    if protocol == "http/protobuf":
-        from opentelemetry.exporter.otlp.proto.http._log_exporter import (
-            OTLPLogExporter as HttpLogExporter,
-        )
-        return HttpLogExporter()
-    raise OtlpLogsConfigError(
-        f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r}: use grpc or http/protobuf")
+    return chosen_exporter(os.environ if env is None else env, "LOGS", ConsoleLogRecordExporter,
+                           _grpc_log_exporter, _http_log_exporter, OtlpLogsConfigError)
 
 
 def _hex_int(value: Any, length: int) -> int | None:

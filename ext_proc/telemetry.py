@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, TypeVar
 
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
@@ -26,6 +26,8 @@ from opentelemetry.trace import Tracer
 
 import ext_proc
 from ext_proc.metrics.spans import BoundedSpanProcessor, SpanPipelineStats
+
+T = TypeVar("T")
 
 DEFAULT_SERVICE_NAME: Final = "extproc-otel"
 INSTRUMENTATION_NAME: Final = "ext_proc"
@@ -42,33 +44,46 @@ def build_resource() -> Resource:
     return resource
 
 
-def _protocol(env: Mapping[str, str]) -> str:
-    return (env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
-            or env.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc").strip().lower()
+def otlp_exporter(env: Mapping[str, str], signal: str, grpc: Callable[[], T],
+                  http: Callable[[], T], error: type[TelemetryConfigError]) -> T:
+    """The OTLP exporter for `signal` (TRACES, METRICS, LOGS) in the configured protocol."""
+    protocol = (env.get(f"OTEL_EXPORTER_OTLP_{signal}_PROTOCOL")
+                or env.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc").strip().lower()
+    if protocol == "grpc":
+        return grpc()
+    if protocol == "http/protobuf":
+        return http()
+    raise error(f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r}: use grpc or http/protobuf")
+
+
+def chosen_exporter(env: Mapping[str, str], signal: str, console: Callable[[], T],
+                    grpc: Callable[[], T], http: Callable[[], T],
+                    error: type[TelemetryConfigError] = TelemetryConfigError) -> T | None:
+    """The exporter OTEL_<signal>_EXPORTER names (otlp, console, none; default otlp)."""
+    name = (env.get(f"OTEL_{signal}_EXPORTER") or "otlp").strip().lower()
+    if name == "none":
+        return None
+    if name == "console":
+        return console()
+    if name != "otlp":
+        raise error(f"OTEL_{signal}_EXPORTER={name!r}: use otlp, console or none")
+    return otlp_exporter(env, signal, grpc, http, error)
+
+
+def _grpc_span_exporter() -> SpanExporter:
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    return OTLPSpanExporter()
+
+
+def _http_span_exporter() -> SpanExporter:
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    return OTLPSpanExporter()
 
 
 def build_span_exporter(env: Mapping[str, str] | None = None) -> SpanExporter | None:
     """The exporter named by OTEL_TRACES_EXPORTER, or None for ``none``."""
-    env = os.environ if env is None else env
-    name = (env.get("OTEL_TRACES_EXPORTER") or "otlp").strip().lower()
-    if name == "none":
-        return None
-    if name == "console":
-        return ConsoleSpanExporter()
-    if name != "otlp":
-        raise TelemetryConfigError(f"OTEL_TRACES_EXPORTER={name!r}: use otlp, console or none")
-    protocol = _protocol(env)
-    if protocol == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-        return OTLPSpanExporter()
-    if protocol == "http/protobuf":
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
-            OTLPSpanExporter as HttpSpanExporter,
-        )
-        return HttpSpanExporter()
-    raise TelemetryConfigError(
-        f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r}: use grpc or http/protobuf"
-    )
+    return chosen_exporter(os.environ if env is None else env, "TRACES", ConsoleSpanExporter,
+                           _grpc_span_exporter, _http_span_exporter)
 
 
 @dataclass(frozen=True)

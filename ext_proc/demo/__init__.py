@@ -8,10 +8,12 @@ them once at start-up (the process entry point is the composition root).
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC
 from typing import TYPE_CHECKING, Any, Final, TextIO
 
@@ -118,3 +120,17 @@ def configure_logging(service: str, stream: TextIO | None = None) -> None:
     logger.remove()
     logger.configure(extra={"service": service}, patcher=_correlate)
     logger.add(sink, level="INFO", format="{message}", diagnose=False, backtrace=False)
+
+
+def service_args(
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None, service: str,
+) -> tuple[argparse.Namespace, tuple[str, int], TracerProvider]:
+    """Parse a demo service's command line (it must have ``--listen``), then set up its
+    tracer provider and correlated logging from the standard OTEL_* variables."""
+    args = parser.parse_args(argv)
+    address = parse_listen(args.listen)
+    if address is None:
+        parser.error(f"--listen must be HOST:PORT, got {args.listen!r}")
+    provider = build_tracer_provider(service, os.environ)
+    configure_logging(str(provider.resource.attributes.get("service.name", service)))
+    return args, address, provider

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import os
 import signal
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
@@ -30,7 +29,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from ext_proc._gen.demo.v1 import users_pb2, users_pb2_grpc
-from ext_proc.demo import SEED_USERS, build_tracer_provider, configure_logging, parse_listen
+from ext_proc.demo import SEED_USERS, service_args
 from ext_proc.headers import CARRIER_GETTER, Carrier
 
 SERVICE_NAME: Final = "users-grpc"
@@ -175,12 +174,7 @@ async def serve(provider: TracerProvider, host: str, port: int) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ext_proc.demo.grpc_service")
     parser.add_argument("--listen", default="127.0.0.1:50061", help="HOST:PORT (port 0: any)")
-    args = parser.parse_args(argv)
-    address = parse_listen(args.listen)
-    if address is None:
-        parser.error(f"--listen must be HOST:PORT, got {args.listen!r}")
-    provider = build_tracer_provider(SERVICE_NAME, os.environ)
-    configure_logging(str(provider.resource.attributes.get("service.name", SERVICE_NAME)))
+    _, address, provider = service_args(parser, argv, SERVICE_NAME)
     return asyncio.run(serve(provider, *address))
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import signal
 import sqlite3
@@ -31,7 +30,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from ext_proc.demo import SEED_USERS, build_tracer_provider, configure_logging, parse_listen
+from ext_proc.demo import SEED_USERS, service_args
 from ext_proc.headers import CARRIER_GETTER, Carrier
 
 SERVICE_NAME: Final = "users"
@@ -238,12 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ext_proc.demo.users_service")
     parser.add_argument("--listen", default="127.0.0.1:8081", help="HOST:PORT (port 0: any)")
     parser.add_argument("--db", default=":memory:", help="sqlite database file")
-    args = parser.parse_args(argv)
-    address = parse_listen(args.listen)
-    if address is None:
-        parser.error(f"--listen must be HOST:PORT, got {args.listen!r}")
-    provider = build_tracer_provider(SERVICE_NAME, os.environ)
-    configure_logging(str(provider.resource.attributes.get("service.name", SERVICE_NAME)))
+    args, address, provider = service_args(parser, argv, SERVICE_NAME)
     tracer = provider.get_tracer("ext_proc.demo.users_service")
     stop = threading.Event()
     store = UserStore.open(args.db, tracer)

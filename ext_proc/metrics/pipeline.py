@@ -36,7 +36,7 @@ from ext_proc.metrics.exposition import (
 )
 from ext_proc.metrics.red import RedMetrics, RuntimeMetrics
 from ext_proc.metrics.spans import SpanPipelineStats
-from ext_proc.telemetry import TelemetryConfigError
+from ext_proc.telemetry import TelemetryConfigError, otlp_exporter
 
 METER_NAME: Final = "ext_proc"
 EXPORTERS: Final = frozenset({"otlp", "prometheus", "console", "none"})
@@ -56,19 +56,19 @@ def exporter_names(env: Mapping[str, str]) -> frozenset[str]:
     return names - {"none"}
 
 
+def _grpc_metric_exporter() -> MetricExporter:
+    from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+    return OTLPMetricExporter()
+
+
+def _http_metric_exporter() -> MetricExporter:
+    from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+    return OTLPMetricExporter()
+
+
 def _otlp_exporter(env: Mapping[str, str]) -> MetricExporter:
-    protocol = (env.get("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL")
-                or env.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc").strip().lower()
-    if protocol == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
-        return OTLPMetricExporter()
-    if protocol == "http/protobuf":
-        from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
-            OTLPMetricExporter as HttpMetricExporter,
-        )
-        return HttpMetricExporter()
-    raise MetricsConfigError(
-        f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r}: use grpc or http/protobuf")
+    return otlp_exporter(env, "METRICS", _grpc_metric_exporter, _http_metric_exporter,
+                         MetricsConfigError)
 
 
 class PullReader(InMemoryMetricReader):

@@ -37,14 +37,15 @@ from ext_proc.devstack import (
     envoy_binary,
     hcm_of,
     render_envoy_config,
+    static_cluster,
     wait_until,
 )
+from tests.e2e.rawhttp import read_request_head, stall
 
 pytestmark = pytest.mark.e2e
 
 HTTP_GRPC_CONFIG = ("type.googleapis.com/"
                     "envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig")
-HTTP_OPTIONS = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 FLUSH_INTERVAL = "0.05s"
 STALL_S = 0.3
 
@@ -62,39 +63,20 @@ class _Upstream(socketserver.ThreadingTCPServer):
 
 class _Handler(socketserver.BaseRequestHandler):
     def handle(self) -> None:
-        data = b""
+        head = read_request_head(self.request)
+        if head is None:
+            return
+        path = head.split(b" ", 2)[1]
         with contextlib.suppress(OSError):
-            while b"\r\n\r\n" not in data:
-                chunk = self.request.recv(4096)
-                if not chunk:
-                    return
-                data += chunk
-            path = data.split(b" ", 2)[1]
             if path.startswith(b"/ok"):
                 self.request.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello")
                 return
             self.request.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\npartial")
-            self.request.settimeout(STALL_S if path.startswith(b"/cut") else 5.0)
-            with contextlib.suppress(TimeoutError):
-                self.request.recv(1)  # returns early if Envoy gives up on us first
+            stall(self.request, STALL_S if path.startswith(b"/cut") else 5.0)
             if path.startswith(b"/cut-rst"):  # close with a TCP RST instead of a FIN
                 self.request.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
                                         struct.pack("ii", 1, 0))
                 self.request.close()  # now, before socketserver's shutdown(SHUT_WR) sends a FIN
-
-
-def _cluster(name: str, port: int, http2: bool = False) -> Config:
-    cluster: Config = {
-        "name": name, "type": "STATIC", "connect_timeout": "0.25s",
-        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [
-            {"endpoint": {"address": {"socket_address": {
-                "address": "127.0.0.1", "port_value": port}}}}]}]}}
-    if http2:
-        cluster["typed_extension_protocol_options"] = {
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": HTTP_OPTIONS,
-                "explicit_http_config": {"http2_protocol_options": {}}}}
-    return cluster
 
 
 def _als_logger(cluster: str, buffer_size_bytes: int) -> Config:
@@ -121,8 +103,8 @@ def _config(ports: Ports, file_log: Path, upstream: int, als: int, dead: int,
         {"match": {"prefix": "/"}, "route": {"cluster": "raw", "timeout": "10s"}}]
     hcm["route_config"]["virtual_hosts"][0]["domains"] = ["app"]  # other hosts: no route
     config["static_resources"]["clusters"] = [
-        _cluster("raw", upstream), _cluster("down", dead),
-        _cluster("als", als, http2=True)]
+        static_cluster("raw", upstream), static_cluster("down", dead),
+        static_cluster("als", als, http2=True)]
     return config
 
 

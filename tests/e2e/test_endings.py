@@ -17,7 +17,7 @@ import pytest
 
 from ext_proc._gen.demo.v1 import users_pb2, users_pb2_grpc
 from ext_proc.demo.receiver import OtlpReceiver, ReceivedSpan
-from ext_proc.devstack import Config, Stack, add_dead_route, hcm_of, wait_until
+from ext_proc.devstack import Config, Stack, add_dead_route, hcm_of, static_cluster, wait_until
 from tests.conftest import http_request
 from tests.e2e.conftest import (
     SERVER_KIND,
@@ -27,6 +27,7 @@ from tests.e2e.conftest import (
     wait_gateway_span,
     with_query,
 )
+from tests.e2e.rawhttp import read_request_head, stall
 
 pytestmark = pytest.mark.e2e
 
@@ -51,27 +52,12 @@ class _RawHandler(socketserver.BaseRequestHandler):
     server: _RawUpstream
 
     def handle(self) -> None:
-        data = b""
+        if read_request_head(self.request) is None or not self.server.reply:
+            return  # close at once: a reset before any response
         with contextlib.suppress(OSError):
-            while b"\r\n\r\n" not in data:
-                chunk = self.request.recv(4096)
-                if not chunk:
-                    return
-                data += chunk
-            if self.server.reply:
-                self.request.sendall(self.server.reply)
-                # stall mid-body (Envoy has sent the headers downstream by then) ...
-                self.request.settimeout(self.server.stall_s)
-                with contextlib.suppress(TimeoutError):
-                    self.request.recv(1)
-        # ... then close: a reset as far as Envoy is concerned
-
-
-def _cluster(name: str, port: int | None) -> dict[str, object]:
-    endpoints = [] if port is None else [{"lb_endpoints": [{"endpoint": {"address": {
-        "socket_address": {"address": "127.0.0.1", "port_value": port}}}}]}]
-    return {"name": name, "type": "STATIC", "connect_timeout": "0.25s",
-            "load_assignment": {"cluster_name": name, "endpoints": endpoints}}
+            self.request.sendall(self.server.reply)
+        # stall mid-body (Envoy has sent the headers downstream by then), then close
+        stall(self.request, self.server.stall_s)
 
 
 def _route(prefix: str, **route: object) -> dict[str, object]:
@@ -92,8 +78,9 @@ def endings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, O
         hcm = hcm_of(config)
         routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
         clusters = config["static_resources"]["clusters"]
-        clusters += [_cluster("empty", None), _cluster("closer", closer.server_address[1]),
-                     _cluster("cutter", cutter.server_address[1])]
+        clusters += [static_cluster("empty", None),
+                     static_cluster("closer", closer.server_address[1]),
+                     static_cluster("cutter", cutter.server_address[1])]
         routes[:0] = [
             _route("/nohealthy", cluster="empty"),
             _route("/timeout", cluster="users", prefix_rewrite="/slow", timeout="0.2s"),
