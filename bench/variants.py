@@ -1,0 +1,181 @@
+"""The Envoy configs under test, all derived in code from the shipped ``envoy/envoy.yaml``.
+
+Every variant serves ``/bench`` from the same fast upstream (a second Envoy with a
+``direct_response``), keeps the shipped access log (to a file), and differs only in
+what traces the request:
+
+- ``alone``: everything that talks to the sidecar removed (the ext_proc filter and
+  the gRPC access log);
+- ``native``: the same, plus Envoy's own OpenTelemetry tracer on at
+  100 % sampling, exporting OTLP/gRPC to the bench's receiver;
+- ``sidecar``: the shipped config, one sidecar process;
+- ``workers``: the shipped config with ``envoy/envoy-workers.yaml``'s processor
+  cluster settings, N sidecar processes.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Final
+
+import yaml
+
+from ext_proc.devstack import ENVOY_YAML, ROOT, Config, Ports, hcm_of, render_envoy_config
+
+EXT_PROC_FILTER: Final = "envoy.filters.http.ext_proc"
+SIDECAR_CLUSTER: Final = "extproc_otel"
+WORKERS_YAML: Final = ROOT / "envoy" / "envoy-workers.yaml"
+BENCH_PATH: Final = "/bench"
+NATIVE_SERVICE: Final = "envoy-native-tracer"
+# The native tracer buffers spans and sends them every flush interval (default 5 s)
+# or every min_flush_spans; a shorter interval only makes the end-of-run flush quick.
+_NATIVE_RUNTIME: Final = {"tracing.opentelemetry.flush_interval_ms": 1000}
+_HTTP2: Final = {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+    "explicit_http_config": {"http2_protocol_options": {}}}}
+
+
+def _static_cluster(name: str, port: int, http2: bool = False) -> Config:
+    cluster: Config = {
+        "name": name, "type": "STATIC", "connect_timeout": "0.25s",
+        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [
+            {"endpoint": {"address": {"socket_address": {
+                "address": "127.0.0.1", "port_value": port}}}}]}]},
+    }
+    if http2:
+        cluster["typed_extension_protocol_options"] = copy.deepcopy(_HTTP2)
+    return cluster
+
+
+def upstream_config(port: int) -> Config:
+    """A second Envoy answering every request with a small 200: a fast upstream, so the
+    proxy and the tracing are what gets measured."""
+    return {"static_resources": {"listeners": [{
+        "name": "upstream",
+        "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+        "filter_chains": [{"filters": [{
+            "name": "envoy.filters.network.http_connection_manager",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network."
+                         "http_connection_manager.v3.HttpConnectionManager",
+                "stat_prefix": "upstream",
+                "route_config": {"virtual_hosts": [{
+                    "name": "all", "domains": ["*"],
+                    "routes": [{"match": {"prefix": "/"}, "direct_response": {
+                        "status": 200, "body": {"inline_string": "ok\n"}}}]}]},
+                "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3."
+                             "Router"}}],
+            }}]}],
+    }]}}
+
+
+def _to_sidecar(access_log: Config) -> bool:
+    """An access logger that streams to the sidecar (envoy.yaml's gRPC access log)."""
+    common = access_log.get("typed_config", {}).get("common_config", {})
+    cluster = common.get("grpc_service", {}).get("envoy_grpc", {}).get("cluster_name")
+    return bool(cluster == SIDECAR_CLUSTER)
+
+
+def _without_ext_proc(config: Config) -> None:
+    """Drop everything that talks to the sidecar: the filter, its per-route overrides
+    and the gRPC access log."""
+    hcm = hcm_of(config)
+    hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] != EXT_PROC_FILTER]
+    hcm["access_log"] = [a for a in hcm.get("access_log", []) if not _to_sidecar(a)]
+    for vhost in hcm["route_config"]["virtual_hosts"]:
+        for route in vhost["routes"]:
+            per_filter = route.get("typed_per_filter_config", {})
+            per_filter.pop(EXT_PROC_FILTER, None)
+            if not per_filter:
+                route.pop("typed_per_filter_config", None)
+
+
+def _native_tracer(config: Config, receiver_port: int) -> None:
+    hcm_of(config)["tracing"] = {
+        "random_sampling": {"value": 100},
+        "provider": {"name": "envoy.tracers.opentelemetry", "typed_config": {
+            "@type": "type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig",
+            "grpc_service": {"envoy_grpc": {"cluster_name": "otlp"}, "timeout": "1s"},
+            "service_name": NATIVE_SERVICE}}}
+    config["static_resources"]["clusters"].append(
+        _static_cluster("otlp", receiver_port, http2=True))
+    layers = config.setdefault("layered_runtime", {"layers": []})["layers"]
+    layers.append({"name": "bench_native_tracer", "static_layer": dict(_NATIVE_RUNTIME)})
+
+
+def workers_cluster(source: Path = WORKERS_YAML) -> Config:
+    """The ``extproc_otel`` cluster of the scale-out variant file."""
+    config = yaml.safe_load(source.read_text())
+    for cluster in config["static_resources"]["clusters"]:
+        if cluster["name"] == SIDECAR_CLUSTER:
+            return dict(cluster)
+    raise ValueError(f"{source}: no extproc_otel cluster")
+
+
+def proxy_config(variant: str, ports: Ports, access_log: Path, receiver_port: int,
+                 source: Path = ENVOY_YAML, workers_source: Path = WORKERS_YAML) -> Config:
+    """The proxy Envoy's config for `variant` (alone | native | sidecar | workers);
+    ``ports.users`` is the fast upstream."""
+    config = render_envoy_config(ports, access_log, source)
+    routes = hcm_of(config)["route_config"]["virtual_hosts"][0]["routes"]
+    routes.insert(0, {"name": "bench", "match": {"prefix": BENCH_PATH},
+                      "route": {"cluster": "users"}})
+    if variant in ("alone", "native"):
+        _without_ext_proc(config)
+    if variant == "native":
+        _native_tracer(config, receiver_port)
+    if variant == "workers":
+        clusters = config["static_resources"]["clusters"]
+        index = next(i for i, c in enumerate(clusters) if c["name"] == SIDECAR_CLUSTER)
+        spread = workers_cluster(workers_source)
+        spread["load_assignment"] = clusters[index]["load_assignment"]  # keep our port
+        clusters[index] = spread
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}")
+    return config
+
+
+VARIANTS: Final = ("alone", "native", "sidecar", "workers")
+
+WORKERS_STREAMS: Final = 4  # measured with make bench: see the README's Performance section
+_WORKERS_HEADER: Final = """\
+# Envoy bootstrap for `extproc-otel serve --workers N` (Envoy 1.40).
+#
+# GENERATED from envoy.yaml by `python -m bench.variants`: do not edit. The one
+# change is in the extproc_otel cluster: see its http2_protocol_options.
+"""
+_H2_EMPTY: Final = "http2_protocol_options: {}"
+
+
+def render_workers_yaml(reference: str) -> str | None:
+    """envoy.yaml's text with a stream limit on the processor cluster's HTTP/2 options
+    (and a header saying so); None when the cluster or its options are not found."""
+    cluster_at = reference.find("- name: extproc_otel")
+    h2_at = reference.find(_H2_EMPTY, cluster_at)
+    admin_at = reference.find("\nadmin:")
+    if min(cluster_at, h2_at, admin_at) < 0:
+        return None
+    indent = " " * (h2_at - reference.rfind("\n", 0, h2_at) - 1 + 2)
+    limited = (
+        "http2_protocol_options:\n"
+        f"{indent}# With --workers N the workers share the port (SO_REUSEPORT) and the\n"
+        f"{indent}# kernel spreads connections, not streams: a low stream limit makes\n"
+        f"{indent}# each Envoy worker thread open several connections under load.\n"
+        f"{indent}max_concurrent_streams: {WORKERS_STREAMS}")
+    body = reference[admin_at + 1:h2_at] + limited + reference[h2_at + len(_H2_EMPTY):]
+    return _WORKERS_HEADER + body
+
+
+def dump(config: dict[str, Any], path: Path) -> Path:
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+if __name__ == "__main__":
+    rendered = render_workers_yaml(ENVOY_YAML.read_text())
+    if rendered is None:
+        raise SystemExit(f"{ENVOY_YAML}: no extproc_otel cluster with {_H2_EMPTY}")
+    WORKERS_YAML.write_text(rendered)
+    print(f"wrote {WORKERS_YAML}")

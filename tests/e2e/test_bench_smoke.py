@@ -1,0 +1,66 @@
+"""Issue #9: a short run of the `make bench` harness, for its accounting (not its speed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bench.run import BenchOptions, run_bench
+from bench.variants import EXT_PROC_FILTER, VARIANTS, proxy_config, upstream_config
+from ext_proc.devstack import Ports, envoy_binary, hcm_of
+from ext_proc.envoy_config.embed import envoy_validate
+
+pytestmark = pytest.mark.e2e
+
+
+def test_bench_harness_counts_every_request_and_span(tmp_path: Path) -> None:
+    options = BenchOptions(rounds=1, seconds=1, light_rate=50, light_seconds=1,
+                           warmup_seconds=1, workers=2, connections=8, threads=1,
+                           out=tmp_path / "results")
+    result = run_bench(options, workdir=tmp_path / "work", progress=False)
+
+    assert [row.variant for row in result.rows] == list(VARIANTS)
+    for row in result.rows:
+        assert row.rps > 0 and row.requests > 0, row
+        assert row.light_p50_ms > 0 and row.errors == 0, row
+        assert row.envoy_us is not None and row.envoy_us > 0, row
+        assert f"| {row.label} |" in result.table
+    by_variant = {row.variant: row for row in result.rows}
+    assert by_variant["alone"].spans is None and by_variant["alone"].sidecar_us is None
+    for traced in ("native", "sidecar", "workers"):
+        row = by_variant[traced]
+        assert row.spans == row.requests, row  # every request Envoy saw has its span
+    for sidecar in ("sidecar", "workers"):
+        row = by_variant[sidecar]
+        assert row.failed_open == 0 and row.sidecar_us is not None and row.sidecar_us > 0
+    run = result.runs[0]
+    # requests Envoy saw = warm-up + saturation + light: at least what the clients counted
+    assert run.requests >= run.saturation.requests + run.light.requests
+
+    out = options.out
+    assert result.markdown.parent == out and result.markdown.exists()
+    latest = (out / "latest.md").read_text()
+    assert result.table in latest and "Machine: " in latest
+    assert (out / "latest.png").read_bytes().startswith(b"\x89PNG")
+    assert (out / "latest.json").exists()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_bench_config_is_valid_and_differs_only_in_tracing(
+        variant: str, tmp_path: Path) -> None:
+    config = proxy_config(variant, Ports(), tmp_path / "access.log", receiver_port=4317)
+    result = envoy_validate(config, envoy_binary())
+    assert result.ok, result.output[-3000:]
+    hcm = hcm_of(config)
+    filters = [f["name"] for f in hcm["http_filters"]]
+    assert (EXT_PROC_FILTER in filters) == (variant in ("sidecar", "workers"))
+    talks_to_sidecar = "'cluster_name': 'extproc_otel'" in str(hcm)
+    assert talks_to_sidecar == (variant in ("sidecar", "workers"))
+    assert ("tracing" in hcm) == (variant == "native")
+    assert hcm["route_config"]["virtual_hosts"][0]["routes"][0]["match"] == {"prefix": "/bench"}
+
+
+def test_the_fast_upstream_config_is_valid() -> None:
+    result = envoy_validate(upstream_config(8080), envoy_binary())
+    assert result.ok, result.output[-3000:]
