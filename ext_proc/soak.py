@@ -1,0 +1,236 @@
+"""Soak: steady load through a real Envoy on loopback; flat memory, no leaked stream state.
+
+``make soak`` runs ``python -m ext_proc.soak``: the devstack (Envoy, sidecar,
+demo upstream, an in-process OTLP receiver), `ext_proc.loadgen` at a steady
+rate for ``SOAK_SECONDS`` (default 180; ``SOAK_RATE`` requests/s and
+``SOAK_CONNECTIONS`` tune it), the sidecar's RSS read from ``/proc`` every
+second and its self-telemetry scraped from the admin ``/metrics``. It fails
+(exit 1) when a client request failed, when the RSS least-squares slope over
+the last half exceeds the bound, or when per-stream state outlives the load.
+`SidecarProbe` and the helpers are shared with the reliability e2e tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Final
+
+from ext_proc.demo.receiver import OtlpReceiver
+from ext_proc.devstack import Config, Stack, free_port, wait_until
+from ext_proc.loadgen import Load
+
+STREAMS_ACTIVE: Final = "extproc_stream_active"
+ACTIVE_REQUESTS: Final = "http_server_active_requests"
+QUEUE_SIZE: Final = "otel_sdk_processor_span_queue_size"
+PROCESSED: Final = "otel_sdk_processor_span_processed_total"
+EXPORTED: Final = "otel_sdk_exporter_span_exported_total"
+EXPORT_CALLS: Final = "otel_sdk_exporter_operation_duration_seconds_count"
+_SAMPLE_RE: Final = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>.*)\})?"
+                               r" (?P<value>\S+)")
+_LABEL_RE: Final = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+_RSS_RE: Final = re.compile(r"^VmRSS:\s+(\d+) kB", re.MULTILINE)
+
+Labels = frozenset[tuple[str, str]]
+Scrape = dict[tuple[str, Labels], float]
+
+
+def rss_kib(pid: int) -> int | None:
+    """Resident set size of `pid` in KiB (None once the process is gone)."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    match = _RSS_RE.search(text)
+    return int(match.group(1)) if match else None
+
+
+def parse_exposition(text: str) -> Scrape:
+    """Prometheus text exposition -> {(name, labels): value}; unparsable lines skipped."""
+    out: Scrape = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#") or (match := _SAMPLE_RE.match(line)) is None:
+            continue
+        try:
+            value = float(match.group("value"))
+        except ValueError:
+            continue
+        labels = frozenset(_LABEL_RE.findall(match.group("labels") or ""))
+        out[(match.group("name"), labels)] = value
+    return out
+
+
+def value_of(scrape: Scrape, name: str, labels: Mapping[str, str] | None = None) -> float:
+    """The sample `name` with exactly `labels` (0 when absent)."""
+    return scrape.get((name, frozenset((labels or {}).items())), 0.0)
+
+
+def slope_per_min(points: Sequence[tuple[float, float]]) -> float:
+    """Least-squares slope of (seconds, value) points, per minute (0 for < 2 points)."""
+    if len(points) < 2:
+        return 0.0
+    n = len(points)
+    mean_t = sum(t for t, _ in points) / n
+    mean_v = sum(v for _, v in points) / n
+    var = sum((t - mean_t) ** 2 for t, _ in points)
+    if var == 0:
+        return 0.0
+    return 60.0 * sum((t - mean_t) * (v - mean_v) for t, v in points) / var
+
+
+class SidecarProbe:
+    """The sidecar's admin /metrics and its RSS."""
+
+    def __init__(self, admin_port: int, pid: int) -> None:
+        self.url = f"http://127.0.0.1:{admin_port}/metrics"
+        self.pid = pid
+
+    def scrape(self) -> Scrape:
+        with urllib.request.urlopen(self.url, timeout=5) as resp:
+            return parse_exposition(resp.read().decode())
+
+    def value(self, name: str, labels: Mapping[str, str] | None = None) -> float:
+        return value_of(self.scrape(), name, labels)
+
+    def rss_kib(self) -> int:
+        rss = rss_kib(self.pid)
+        if rss is None:
+            raise ProcessLookupError(f"sidecar {self.pid} is gone")
+        return rss
+
+
+def observed_stack(workdir: Path, otlp_endpoint: str | None, admin_port: int, *,
+                   sidecar_env: Mapping[str, str] | None = None,
+                   mutate_config: Callable[[Config], None] | None = None) -> Stack:
+    """A devstack whose sidecar serves the admin endpoint on `admin_port`."""
+    env = {**(sidecar_env or {}), "EXTPROC_ADMIN__LISTEN": f"127.0.0.1:{admin_port}"}
+    return Stack(workdir, otlp_endpoint, sidecar_env=env, mutate_config=mutate_config)
+
+
+@dataclass(frozen=True)
+class SoakConfig:
+    seconds: float = 180.0
+    connections: int = 8
+    rate: float = 100.0
+    max_slope_kib_per_min: float = 256.0  # RSS slope over the last half
+    sample_interval_s: float = 1.0
+    settle_timeout_s: float = 15.0  # for per-stream state to drain after the load
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> SoakConfig:
+        env = os.environ if env is None else env
+        return cls(seconds=float(env.get("SOAK_SECONDS", "180")),
+                   connections=int(env.get("SOAK_CONNECTIONS", "8")),
+                   rate=float(env.get("SOAK_RATE", "100")))
+
+
+@dataclass(frozen=True)
+class SoakReport:
+    seconds: float
+    requests: int
+    failed: int
+    traced: int  # requests whose upstream saw our traceparent
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    rss_start_kib: int
+    rss_end_kib: int
+    rss_max_kib: int
+    slope_kib_per_min: float  # least squares over the last half of the run
+    streams_active_end: float
+    active_requests_end: float
+    queue_size_end: float
+    spans_dropped: float
+    spans_exported: float
+
+    def violations(self, config: SoakConfig) -> list[str]:
+        found = []
+        if self.failed:
+            found.append(f"{self.failed} client requests failed")
+        if self.slope_kib_per_min > config.max_slope_kib_per_min:
+            found.append(f"RSS slope {self.slope_kib_per_min:.1f} KiB/min over the last half "
+                         f"exceeds {config.max_slope_kib_per_min} KiB/min")
+        if self.streams_active_end or self.active_requests_end:
+            found.append("per-stream state left after the load: "
+                         f"{self.streams_active_end} streams, "
+                         f"{self.active_requests_end} active requests")
+        return found
+
+
+def _sample_rss(probe: SidecarProbe, load: Load, interval: float,
+                receiver: OtlpReceiver) -> list[tuple[float, float]]:
+    """RSS points (seconds since start, KiB) every `interval` until the load ends."""
+    points: list[tuple[float, float]] = []
+    started = time.monotonic()
+    done = threading.Event()
+
+    def finish() -> None:
+        load.wait()
+        done.set()
+    threading.Thread(target=finish, daemon=True).start()
+    while not done.wait(interval):
+        points.append((time.monotonic() - started, float(probe.rss_kib())))
+        receiver.clear()  # keep the soak process itself bounded
+    return points
+
+
+def run_soak(config: SoakConfig, workdir: Path) -> SoakReport:
+    receiver = OtlpReceiver()
+    receiver.start()
+    admin_port = free_port()
+    try:
+        with observed_stack(workdir, receiver.endpoint, admin_port) as stack:
+            if stack.sidecar.popen is None:
+                raise RuntimeError("the sidecar did not start")
+            probe = SidecarProbe(admin_port, stack.sidecar.popen.pid)
+            rss_start = probe.rss_kib()
+            load = Load(stack.url("/echo?soak={n}"), config.connections, config.seconds,
+                        rate=config.rate, marker=b'"traceparent"').start()
+            points = _sample_rss(probe, load, config.sample_interval_s, receiver)
+            result = load.result()
+            wait_until(lambda: probe.value(STREAMS_ACTIVE) == 0
+                       and probe.value(ACTIVE_REQUESTS, {"http_request_method": "GET"}) == 0
+                       and probe.value(QUEUE_SIZE) == 0,
+                       config.settle_timeout_s, "per-stream state to drain", interval=0.2)
+            end = probe.scrape()
+            rss_end = probe.rss_kib()
+    finally:
+        receiver.stop()
+    half = [p for p in points if p[0] >= config.seconds / 2]
+    summary = result.summary()
+    return SoakReport(
+        seconds=config.seconds, requests=len(result.samples), failed=len(result.failed),
+        traced=int(summary["marked"]), rps=float(summary["rps"]),
+        p50_ms=float(summary["p50_ms"]), p99_ms=float(summary["p99_ms"]),
+        rss_start_kib=rss_start, rss_end_kib=rss_end,
+        rss_max_kib=int(max((v for _, v in points), default=rss_end)),
+        slope_kib_per_min=round(slope_per_min(half), 1),
+        streams_active_end=value_of(end, STREAMS_ACTIVE),
+        active_requests_end=value_of(end, ACTIVE_REQUESTS, {"http_request_method": "GET"}),
+        queue_size_end=value_of(end, QUEUE_SIZE),
+        spans_dropped=value_of(end, PROCESSED, {"error_type": "queue_full"}),
+        spans_exported=value_of(end, EXPORTED),
+    )
+
+
+def main() -> int:
+    config = SoakConfig.from_env()
+    with tempfile.TemporaryDirectory(prefix="soak-") as tmp:
+        report = run_soak(config, Path(tmp))
+    print(json.dumps(asdict(report), indent=2))
+    problems = report.violations(config)
+    for problem in problems:
+        print(f"SOAK FAILED: {problem}")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
