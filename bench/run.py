@@ -27,6 +27,7 @@ from bench.procstat import cpu_seconds, machine
 from bench.receiver import SpanCounter
 from bench.variants import (
     BENCH_PATH,
+    SIDECAR_AB,
     VARIANTS,
     WORKERS_YAML,
     dump,
@@ -60,9 +61,10 @@ class BenchOptions:
     def from_env(cls, env: Mapping[str, str]) -> BenchOptions:
         d = cls()
         names = tuple(v.strip() for v in env.get("BENCH_CONFIGS", "").split(",") if v.strip())
-        unknown = set(names) - set(VARIANTS)
+        unknown = set(names) - set(VARIANTS) - set(SIDECAR_AB)
         if unknown:
-            raise ValueError(f"BENCH_CONFIGS: unknown {sorted(unknown)}; use {VARIANTS}")
+            raise ValueError(f"BENCH_CONFIGS: unknown {sorted(unknown)}; use "
+                             f"{VARIANTS + tuple(SIDECAR_AB)}")
         return cls(
             rounds=int(env.get("BENCH_ROUNDS", d.rounds)),
             seconds=float(env.get("BENCH_SECONDS", d.seconds)),
@@ -83,6 +85,8 @@ class BenchOptions:
             "sidecar": "Envoy + extproc-otel (1 process)",
             "workers": f"Envoy + extproc-otel ({self.workers} processes)"
                        if self.workers > 1 else "Envoy + extproc-otel (1 process, workers.yaml)",
+            **{name: f"Envoy + extproc-otel (1 process, {name.removeprefix('sidecar-')})"
+               for name in SIDECAR_AB},
         }[variant]
 
 
@@ -139,10 +143,10 @@ class Bench:
         self.receiver.stop()
 
     def _sidecar(self, variant: str, port: int, rundir: Path) -> Proc | None:
-        if variant not in ("sidecar", "workers"):
+        if variant not in ("sidecar", "workers", *SIDECAR_AB):
             return None
         env = {**_clean_env(), "OTEL_EXPORTER_OTLP_ENDPOINT": self.receiver.endpoint,
-               "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}
+               "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc", **SIDECAR_AB.get(variant, {})}
         workers = self.options.workers if variant == "workers" else 1
         return Proc("sidecar", [sys.executable, "-m", "ext_proc", "serve", "--listen",
                                 f"127.0.0.1:{port}", "--workers", str(workers)],

@@ -132,12 +132,24 @@ def proxy_config(variant: str, ports: Ports, access_log: Path, receiver_port: in
         spread = workers_cluster(workers_source)
         spread["load_assignment"] = clusters[index]["load_assignment"]  # keep our port
         clusters[index] = spread
-    if variant not in VARIANTS:
+    if variant == "sidecar-lean":  # experiment: no response phase (ALS only)
+        mode = hcm_of(config)["http_filters"][0]["typed_config"]["processing_mode"]
+        mode["response_header_mode"] = mode["response_trailer_mode"] = "SKIP"
+    if variant not in VARIANTS and variant not in SIDECAR_AB:
         raise ValueError(f"unknown variant {variant!r}")
     return config
 
 
 VARIANTS: Final = ("alone", "native", "sidecar", "workers")
+# Opt-in rows (BENCH_CONFIGS) for A/B measurements of the sidecar itself: Envoy as
+# for "sidecar", the sidecar with these extra environment variables.
+SIDECAR_AB: Final = {
+    "sidecar-asyncio": {"EXTPROC_SERVER__EVENT_LOOP": "asyncio"},
+    "sidecar-nojoin": {"EXTPROC_STREAM__JOIN_ACCESS_LOG": "false"},
+    "sidecar-nolog": {"EXTPROC_LOG__ACCESS_LOG": "false"},
+    "sidecar-nometrics": {"EXTPROC_METRICS__ENABLED": "false"},
+    "sidecar-lean": {},
+}
 
 WORKERS_STREAMS: Final = 4  # measured with make bench: see the README's Performance section
 _WORKERS_HEADER: Final = """\

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from loguru import logger
 
+from ext_proc.logs import ACCESS_MESSAGE
 from ext_proc.seams import ExchangeRecord
 
 
@@ -25,4 +26,4 @@ class AccessLog:
             duration_ms=round(record.duration_s * 1000, 3),
             request_id=record.request_id,
             tenant=record.tenant,
-        ).info("access")
+        ).info(ACCESS_MESSAGE)

@@ -153,8 +153,11 @@ def test_access_log_line_carries_the_span_ids(stack: Stack, receiver: OtlpReceiv
     assert reply.status == 200
     span = wait_gateway_span(receiver, with_query(t))
     assert span.attributes["user_agent.original"] == "e2e-test"
-    lines = [line for line in stack.sidecar_lines()
-             if line.get("msg") == "access" and line.get("trace_id") == span.trace_id]
+    def access() -> list[dict[str, object]]:
+        return [line for line in stack.sidecar_lines()
+                if line.get("msg") == "access" and line.get("trace_id") == span.trace_id]
+    wait_until(lambda: bool(access()), 5, "the sidecar's access line")
+    lines = access()
     assert len(lines) == 1
     line = lines[0]
     assert line["span_id"] == span.span_id

@@ -71,9 +71,11 @@ def test_tenant_is_recorded_everywhere(sampled: tuple[Stack, OtlpReceiver, Path,
     http_request(stack.base_url, f"/echo/checkout?tag={t}", headers=[("x-tenant", "acme")])
     span = wait_gateway_span(receiver, with_query(t))
     assert span.attributes["tenant.id"] == "acme"
-    access = [line for line in stack.sidecar_lines()
-              if line.get("msg") == "access" and line.get("trace_id") == span.trace_id]
-    assert access and access[0]["tenant"] == "acme"
+    def access() -> list[dict[str, object]]:
+        return [line for line in stack.sidecar_lines()
+                if line.get("msg") == "access" and line.get("trace_id") == span.trace_id]
+    wait_until(lambda: bool(access()), 5, "the sidecar's access line")
+    assert access()[0]["tenant"] == "acme"
     with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=5) as resp:
         assert 'tenant_id="acme"' in resp.read().decode()
 
