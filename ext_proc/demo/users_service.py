@@ -208,6 +208,9 @@ class UsersServer(ThreadingHTTPServer):
 
 class UsersHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # headers and body go out in two writes: without this, Nagle holds the body until
+    # the delayed ACK (~40 ms on every reused keep-alive connection)
+    disable_nagle_algorithm = True
     server: UsersServer
 
     def _dispatch(self) -> None:
