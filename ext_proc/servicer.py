@@ -26,6 +26,12 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         self._phase_timer = phase_timer  # (phase, ns spent answering), called after the answer
         self._route_options = route_options
         self.active: set[StreamSession] = set()  # live streams, for shutdown and tests
+        self._idle = asyncio.Event()  # set whenever `active` becomes empty
+
+    async def drained(self) -> None:
+        """Return once no ext_proc stream is open (bound it with asyncio.timeout)."""
+        while self.active:
+            await self._idle.wait()
 
     async def Process(
         self,
@@ -35,6 +41,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         session = StreamSession(self._deps,
                                 self._route_options.get(context.invocation_metadata()))
         self.active.add(session)
+        self._idle.clear()
         correlated = False
         try:
             async for request in request_iterator:
@@ -56,6 +63,8 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             raise
         finally:
             self.active.discard(session)
+            if not self.active:
+                self._idle.set()
             try:
                 session.close()
             except Exception:
