@@ -7,7 +7,7 @@ GEN    := ext_proc/_gen/.generated
 PROTOS := $(shell find proto -name '*.proto')
 PYTEST_ARGS ?=
 
-.PHONY: all demo test unit e2e lint proto bench clean venv tools
+.PHONY: all demo test unit e2e lint proto bench clean venv tools soak
 
 all: test
 
@@ -29,9 +29,17 @@ demo: $(GEN)
 	$(PY) -m ext_proc.demo $(DEMO_ARGS)
 
 # Debian's prometheus: the metrics e2e test scrapes the sidecar with it (CI runs as root).
+# Debian's wrk: the load generator of `make bench` (and of its smoke test in `make test`).
 tools:
 	@command -v prometheus >/dev/null 2>&1 || \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null)
+	@command -v wrk >/dev/null 2>&1 || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null)
+
+# Envoy alone / native tracer / sidecar (1 and N processes), interleaved; results/latest.*
+# Knobs: BENCH_ROUNDS BENCH_SECONDS BENCH_LIGHT_RATE BENCH_WORKERS ... (see bench/run.py).
+bench: $(GEN) tools
+	$(PY) -m bench.run
 
 test: $(GEN) tools
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -42,9 +50,13 @@ unit: $(GEN)
 e2e: $(GEN) tools
 	$(PY) -m pytest tests/e2e $(PYTEST_ARGS)
 
+# Steady load through the real stack for SOAK_SECONDS (default 180); not part of `test`.
+soak: $(GEN)
+	SOAK_SECONDS=$${SOAK_SECONDS:-180} $(PY) -m ext_proc.soak
+
 lint: $(GEN)
-	$(PY) -m ruff check ext_proc tests proto
-	$(PY) -m mypy ext_proc
+	$(PY) -m ruff check ext_proc tests proto bench
+	$(PY) -m mypy ext_proc bench
 
 clean:
 	rm -rf $(VENV) ext_proc/_gen .pytest_cache .mypy_cache .ruff_cache

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import time
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ import ext_proc
 from ext_proc._gen.envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from ext_proc.access_log import AccessLog
 from ext_proc.config import Settings
+from ext_proc.finalizer import AccessLogJoin
 from ext_proc.metrics.wiring import Observability, build_observability
 from ext_proc.policy import RequestPolicy
 from ext_proc.propagation import PropagatorCache, Rejections
@@ -32,6 +34,7 @@ from ext_proc.servicer import ExternalProcessor
 from ext_proc.stream import StreamDeps
 from ext_proc.telemetry import Telemetry, build_telemetry
 from ext_proc.tenants import TenantResolver
+from ext_proc.tls import bind
 
 SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
 
@@ -50,15 +53,14 @@ class Sidecar:
     port: int = 0
     rules_watcher: RulesWatcher | None = None
     sampling_digest: str | None = None  # of the rules file read at startup
+    join: AccessLogJoin | None = None
     observability: Observability | None = None
     serving: bool = False  # /readyz: the gRPC server serves and is not shutting down
     admin_port: int | None = None
 
     async def start(self) -> int:
-        try:
-            self.port = self.server.add_insecure_port(self.settings.server.listen)
-        except RuntimeError as exc:  # grpc reports bind failures this way
-            raise OSError(f"cannot listen on {self.settings.server.listen}") from exc
+        # TLS/mTLS when configured; a plaintext non-loopback listen needs the opt-in
+        self.port = bind(self.server, self.settings.server)
         await self.server.start()
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -91,7 +93,17 @@ class Sidecar:
         if self.rules_watcher is not None:
             await self.rules_watcher.stop()
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace)
+        # New RPCs are refused from here; in-flight ext_proc streams get up to `grace`.
+        # Envoy's access-log streams never end by themselves, so once the exchanges
+        # are done the rest is cancelled at once rather than at the end of `grace`.
+        stopping = asyncio.ensure_future(self.server.stop(grace))
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace):
+                await self.processor.drained()
+        await self.server.stop(0)
+        await stopping
+        if self.join is not None:
+            self.join.flush()  # end every span still waiting for Envoy's access log
         self.telemetry.shutdown()
         if self.observability is not None:
             await self.observability.stop()
@@ -117,6 +129,8 @@ def build_sidecar(settings: Settings, telemetry: Telemetry | None = None) -> Sid
         wrap=lambda inner: KeepErrorsProcessor.from_settings(inner, keep, time.monotonic))
     rejections = Rejections()
     propagators = PropagatorCache(rejections)
+    join = AccessLogJoin(settings.stream.join_timeout_s) if settings.stream.join_access_log \
+        else None
     deps = StreamDeps(
         tracer=telemetry.tracer,
         propagator=propagators.get(settings.propagation),
@@ -127,6 +141,7 @@ def build_sidecar(settings: Settings, telemetry: Telemetry | None = None) -> Sid
         metadata_namespace=settings.stream.metadata_namespace,
         graceful_close=settings.stream.graceful_close,
         upstream_span=settings.stream.upstream_span,
+        finalizer=join,
         observers=(AccessLog(),) * settings.log.access_log + tuple(observability.observers),
     )
     processor = ExternalProcessor(deps, RouteOptionsCache(settings.propagation),
@@ -134,13 +149,18 @@ def build_sidecar(settings: Settings, telemetry: Telemetry | None = None) -> Sid
     observability.watch(lambda: len(processor.active), rejections.snapshot)
     server = grpc.aio.server(options=[
         ("grpc.max_concurrent_streams", settings.server.max_concurrent_streams),
-        ("grpc.so_reuseport", 0),
+        ("grpc.max_receive_message_length", settings.server.max_receive_message_bytes),
+        # Off for one process, so a taken port is an error; on when several workers
+        # share the port (ext_proc.workers).
+        ("grpc.so_reuseport", int(settings.server.workers > 1)),
     ])
     pb_grpc.add_ExternalProcessorServicer_to_server(processor, server)
+    if join is not None:
+        join.service.register(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     return Sidecar(settings, telemetry, processor, health_servicer, server, rejections,
-                   sampling, sampling_digest=digest, observability=observability)
+                   sampling, sampling_digest=digest, observability=observability, join=join)
 
 
 class _SignalCatcher:
@@ -178,3 +198,19 @@ async def serve(settings: Settings) -> None:
         await stop.wait()
         await sidecar.stop()
     await logger.complete()
+
+
+def run(settings: Settings) -> None:
+    """`serve` on the event loop `server.event_loop` names (uvloop when installed, by
+    default: it halves grpc.aio's wake-up latency; see README, Performance)."""
+    factory = None
+    if settings.server.event_loop != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if settings.server.event_loop == "uvloop":
+                raise
+        else:
+            factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(serve(settings))

@@ -6,7 +6,6 @@ Options map onto settings keys; their meaning and defaults live in
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sys
 from pathlib import Path
@@ -50,14 +49,16 @@ def main() -> None:
 @click.option("--log-level", default=None, help="Lowest log level written (log.level).")
 @click.option("--admin", default=None,
               help="Admin endpoint HOST:PORT: /healthz /readyz /metrics /config (admin.listen).")
+@click.option("--workers", type=int, default=None,
+              help="Processes sharing the port under a supervisor (server.workers).")
 def serve(config_file: Path | None, listen: str | None, log_format: str | None,
-          log_level: str | None, admin: str | None) -> None:
+          log_level: str | None, admin: str | None, workers: int | None) -> None:
     """Run the ext_proc gRPC server until SIGTERM/SIGINT."""
-    from ext_proc.app import serve as run_server
+    from ext_proc.app import run
     from ext_proc.logs import configure_logging
 
     settings = _load(config_file, _overrides(
-        server={"listen": listen},
+        server={"listen": listen, "workers": workers},
         log={"format": log_format, "level": log_level.upper() if log_level else None},
         admin={"listen": admin},
     ))
@@ -65,8 +66,12 @@ def serve(config_file: Path | None, listen: str | None, log_format: str | None,
     from ext_proc.telemetry import TelemetryConfigError
 
     configure_logging(settings.log)
+    if settings.server.workers > 1:
+        from ext_proc.workers import supervise
+
+        sys.exit(supervise(settings))
     try:
-        asyncio.run(run_server(settings))
+        run(settings)
     except (TelemetryConfigError, RulesFileError, OSError) as exc:
         click.echo(f"cannot start: {exc}", err=True)
         sys.exit(2)

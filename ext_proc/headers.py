@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Final
 
+from loguru import logger
 from opentelemetry.propagators.textmap import Getter, Setter
 
 from ext_proc._gen.envoy.config.core.v3 import base_pb2
@@ -24,11 +25,28 @@ _OVERWRITE: Final = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _APPEND: Final = base_pb2.HeaderValueOption.APPEND_IF_EXISTS_OR_ADD
 
 
-def carrier_from_headers(header_map: base_pb2.HeaderMap) -> Carrier:
-    """Collect Envoy's headers into a `Carrier`. Never raises on odd bytes."""
+# Most of one header map we examine: well above Envoy's own defaults (100 headers,
+# 60 KiB), so only a hostile or misconfigured client reaches them; the rest is ignored.
+MAX_HEADERS: Final = 1024
+MAX_HEADER_BYTES: Final = 1024 * 1024
+
+
+def carrier_from_headers(header_map: base_pb2.HeaderMap, max_headers: int = MAX_HEADERS,
+                         max_bytes: int = MAX_HEADER_BYTES) -> Carrier:
+    """Collect Envoy's headers into a `Carrier`. Never raises on odd bytes.
+
+    Headers past `max_headers`, or past `max_bytes` of names and values, are not
+    examined (counted and logged at DEBUG)."""
     carrier: Carrier = {}
-    for header in header_map.headers:
+    budget = max_bytes
+    headers = header_map.headers
+    for index, header in enumerate(headers):
         raw = header.raw_value
+        budget -= len(header.key) + (len(raw) if raw else len(header.value))
+        if index >= max_headers or budget < 0:
+            logger.debug("header map cut", ignored=len(headers) - index,
+                         max_headers=max_headers, max_bytes=max_bytes)
+            break
         value = raw.decode("utf-8", "replace") if raw else header.value
         key = header.key.lower()
         values = carrier.get(key)

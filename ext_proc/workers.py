@@ -235,9 +235,8 @@ def _die_with_parent(parent_pid: int) -> None:
 
 def worker_main() -> None:
     """Entry point of one worker process: settings arrive pickled on stdin."""
-    import asyncio
 
-    from ext_proc.app import serve
+    from ext_proc.app import run
     from ext_proc.logs import configure_logging
     from ext_proc.sampling import RulesFileError
     from ext_proc.telemetry import TelemetryConfigError
@@ -248,7 +247,7 @@ def worker_main() -> None:
     configure_logging(settings.log)
     logger.configure(extra={"worker": int(payload["index"])})
     try:
-        asyncio.run(serve(settings))
+        run(settings)
     except (TelemetryConfigError, RulesFileError, OSError) as exc:
         print(f"cannot start: {exc}", file=sys.stderr)
         sys.exit(EXIT_CANNOT_START)

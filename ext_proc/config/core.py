@@ -50,6 +50,10 @@ class ServerSettings(BaseModel):
             "so Envoy spreads its streams over several connections."
         ),
     )
+    event_loop: Literal["auto", "asyncio", "uvloop"] = Field(
+        "auto",
+        description="Event loop: auto (uvloop when installed), asyncio, or uvloop (required).",
+    )
     max_receive_message_bytes: int = Field(
         4 * 1024 * 1024, ge=64 * 1024, le=64 * 1024 * 1024,
         description=(
