@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Final, TypeVar
 
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
-from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace import SpanLimits, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import (
     BatchSpanProcessor,
     ConsoleSpanExporter,
@@ -86,6 +86,22 @@ def build_span_exporter(env: Mapping[str, str] | None = None) -> SpanExporter | 
                            _grpc_span_exporter, _http_span_exporter)
 
 
+# Longest attribute value recorded when OTEL_[SPAN_]ATTRIBUTE_VALUE_LENGTH_LIMIT is
+# unset (the SDK's own default is no limit): a hostile header cannot bloat a span.
+DEFAULT_ATTRIBUTE_LENGTH: Final = 4096
+_LENGTH_VARS: Final = (
+    "OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT", "OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT")
+
+
+def span_limits(env: Mapping[str, str] | None = None) -> SpanLimits:
+    env = os.environ if env is None else env
+    for name in _LENGTH_VARS:  # the span-specific variable first, as the SDK reads them
+        value = (env.get(name) or "").strip()
+        if value.isdigit():
+            return SpanLimits(max_attribute_length=int(value))
+    return SpanLimits(max_attribute_length=DEFAULT_ATTRIBUTE_LENGTH)
+
+
 @dataclass(frozen=True)
 class Telemetry:
     """Handles the app keeps for the hot path and for shutdown."""
@@ -108,7 +124,8 @@ def build_telemetry(
     With `span_stats` the batch processor counts what it drops, exports and fails;
     `wrap` decorates the exporting processor (keep-errors sampling).
     """
-    provider = TracerProvider(resource=build_resource(), sampler=sampler)
+    provider = TracerProvider(resource=build_resource(), sampler=sampler,
+                              span_limits=span_limits())
     if exporter is None and from_env:
         exporter = build_span_exporter()
     if exporter is not None:

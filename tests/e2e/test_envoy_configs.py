@@ -9,6 +9,7 @@ format of ``extproc-otel envoy-config``.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Final
 
@@ -16,7 +17,7 @@ import pytest
 import yaml
 
 from ext_proc.config import Settings
-from ext_proc.devstack import ROOT, envoy_binary
+from ext_proc.devstack import ROOT, envoy_binary, rewrite_tls_dir
 from ext_proc.envoy_config import EG_ATTRIBUTE, EXT_PROC_FILTER, FORMATS, options_for, render
 from ext_proc.envoy_config.embed import (
     Fragments,
@@ -27,6 +28,7 @@ from ext_proc.envoy_config.embed import (
     markdown_yaml_blocks,
 )
 from ext_proc.semconv import EnvoyAttr
+from tests.pki import make_pki
 
 pytestmark = pytest.mark.e2e
 
@@ -91,8 +93,17 @@ def test_discovery_finds_every_shipped_config() -> None:
     assert empty == [], f"files with Envoy markers but no config found: {empty}"
 
 
+@pytest.fixture(scope="module")
+def tls_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Envoy opens every certificate a config names: a per-run CA stands in for the
+    shipped mount (nothing private is committed)."""
+    return make_pki(tmp_path_factory.mktemp("pki")).directory
+
+
 @pytest.mark.parametrize("config", _cases())
-def test_envoy_accepts(config: dict[str, Any], envoy: str) -> None:
+def test_envoy_accepts(config: dict[str, Any], envoy: str, tls_dir: Path) -> None:
+    config = copy.deepcopy(config)
+    rewrite_tls_dir(config, tls_dir)
     result = envoy_validate(config, envoy)
     assert result.ok, result.output[-3000:]
 

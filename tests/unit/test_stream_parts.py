@@ -119,3 +119,11 @@ def test_span_exporter_follows_the_otel_variables() -> None:
         build_span_exporter({"OTEL_TRACES_EXPORTER": "zipkin"})
     with pytest.raises(TelemetryConfigError, match="http/json"):
         build_span_exporter({"OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"})
+
+
+def test_attribute_values_are_bounded_unless_configured() -> None:
+    from ext_proc.telemetry import DEFAULT_ATTRIBUTE_LENGTH, span_limits
+
+    assert span_limits({}).max_attribute_length == DEFAULT_ATTRIBUTE_LENGTH
+    configured = span_limits({"OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT": "100"})
+    assert configured.max_attribute_length == 100
