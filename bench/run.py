@@ -14,7 +14,6 @@ import os
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -35,6 +34,7 @@ from bench.variants import (
     upstream_config,
 )
 from ext_proc.devstack import ROOT, Ports, Proc, envoy_binary, free_port, wait_until
+from ext_proc.procs import envoy_stat, http_ok
 
 _NPROC: Final = os.cpu_count() or 1
 _REQUESTS_STAT: Final = "http.ingress.downstream_rq_total"
@@ -94,24 +94,6 @@ def _clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "EXTPROC_"))}
 
 
-def envoy_stat(admin_port: int, name: str) -> int:
-    url = f"http://127.0.0.1:{admin_port}/stats?filter=^{name}$"
-    with urllib.request.urlopen(url, timeout=5) as resp:
-        for line in resp.read().decode().splitlines():
-            key, _, value = line.partition(": ")
-            if key == name and value.strip().isdigit():
-                return int(value)
-    return 0
-
-
-def _http_ok(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=1) as resp:
-            return bool(resp.status == 200)
-    except OSError:
-        return False
-
-
 def _pid(proc: Proc) -> int:
     assert proc.popen is not None
     return proc.popen.pid
@@ -134,7 +116,7 @@ class Bench:
     def __enter__(self) -> Bench:
         self.receiver.start()
         self.upstream.start()
-        wait_until(lambda: _http_ok(f"http://127.0.0.1:{self.upstream_port}/"), 30,
+        wait_until(lambda: http_ok(f"http://127.0.0.1:{self.upstream_port}/"), 30,
                    "the bench upstream")
         return self
 
@@ -172,7 +154,7 @@ class Bench:
                 wait_until(lambda: _started(sidecar) >= expected, 30, "the sidecar")
             envoy.start()
             admin = f"http://127.0.0.1:{ports.admin}/ready"
-            wait_until(lambda: _alive(envoy) and _http_ok(admin), 30, "envoy")
+            wait_until(lambda: _alive(envoy) and http_ok(admin), 30, "envoy")
             url = f"http://127.0.0.1:{ports.listener}{BENCH_PATH}"
             run_wrk(url, opts.warmup_seconds, rundir, threads=1, connections=4)
             cpu0 = (cpu_seconds(_pid(envoy)),

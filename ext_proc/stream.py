@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Final
 
-from google.protobuf import struct_pb2
 from loguru import logger
-from opentelemetry.trace import Span, SpanContext, SpanKind, Tracer
+from opentelemetry.trace import Span, SpanKind, Tracer
 from opentelemetry.trace.propagation import set_span_in_context
 
 from ext_proc import semconv as sc
@@ -28,8 +26,8 @@ from ext_proc.headers import Carrier, carrier_from_headers, first, header_mutati
 from ext_proc.outcome import apply, client_outcome, exchange_outcome
 from ext_proc.policy import RequestPolicy
 from ext_proc.request_info import RequestInfo, request_info
-from ext_proc.route_options import DEFAULT as DEFAULT_ROUTE_OPTIONS
-from ext_proc.route_options import RouteOptions
+from ext_proc.responses import APPENDED, empty_response, trace_metadata
+from ext_proc.route_options import DEFAULT, RouteOptions
 from ext_proc.seams import ExchangeRecord, Propagator, PropagatorSource, StreamObserver
 
 
@@ -49,21 +47,6 @@ class StreamDeps:
     finalizer: AccessLogJoin | None = None  # joins Envoy's access log (ALS) entries
 
 
-_EMPTY: Final = {
-    "request_headers": pb.ProcessingResponse(request_headers=pb.HeadersResponse()),
-    "response_headers": pb.ProcessingResponse(response_headers=pb.HeadersResponse()),
-    "request_body": pb.ProcessingResponse(request_body=pb.BodyResponse()),
-    "response_body": pb.ProcessingResponse(response_body=pb.BodyResponse()),
-    "request_trailers": pb.ProcessingResponse(request_trailers=pb.TrailersResponse()),
-    "response_trailers": pb.ProcessingResponse(response_trailers=pb.TrailersResponse()),
-}
-
-
-def empty_response(phase: str | None) -> pb.ProcessingResponse:
-    """The no-op answer for a phase (shared immutable instances: never mutate)."""
-    return _EMPTY.get(phase or "", _EMPTY["request_headers"])
-
-
 class StreamSession:
     """State of one exchange: small, and released when the stream ends."""
 
@@ -72,7 +55,7 @@ class StreamSession:
         "_pending", "_propagator", "_response_attrs", "_start_ns", "_started", "_status",
         "_tenant", "cancelled", "span")
 
-    def __init__(self, deps: StreamDeps, options: RouteOptions = DEFAULT_ROUTE_OPTIONS) -> None:
+    def __init__(self, deps: StreamDeps, options: RouteOptions = DEFAULT) -> None:
         self._deps = deps
         self._options = options
         self._propagator = deps.propagator
@@ -145,7 +128,7 @@ class StreamSession:
             request_headers=pb.HeadersResponse(response=pb.CommonResponse(
                 header_mutation=header_mutation(out, propagator.removals(carrier, out)),
             )),
-            dynamic_metadata=self._trace_metadata(self.span.get_span_context()),
+            dynamic_metadata=trace_metadata(deps.metadata_namespace, self.span.get_span_context()),
         )
 
     def _on_response_headers(self, request: pb.ProcessingRequest) -> pb.ProcessingResponse:
@@ -163,23 +146,14 @@ class StreamSession:
             self._pending = request  # the upstream span ends after the answer
         if self.span is None:  # denied before ext_proc saw the request
             self._start_ns = time.time_ns()
-            self.span = self._deps.tracer.start_span(
-                "HTTP", kind=SpanKind.SERVER, start_time=self._start_ns
-            )
+            self.span = self._deps.tracer.start_span("HTTP", kind=SpanKind.SERVER,
+                                                     start_time=self._start_ns)
         extra = self._propagator.response_headers(self.span.get_span_context())
         if not extra:
             return empty_response("response_headers")
         return pb.ProcessingResponse(response_headers=pb.HeadersResponse(
-            response=pb.CommonResponse(header_mutation=header_mutation(extra, append=_APPENDED))
+            response=pb.CommonResponse(header_mutation=header_mutation(extra, append=APPENDED))
         ))
-
-    def _trace_metadata(self, ctx: SpanContext) -> struct_pb2.Struct:
-        """trace_id/span_id for Envoy's access log (``%DYNAMIC_METADATA(ns:trace_id)%``)."""
-        metadata = struct_pb2.Struct()
-        entry = metadata.fields[self._deps.metadata_namespace].struct_value
-        entry.fields["trace_id"].string_value = format(ctx.trace_id, "032x")
-        entry.fields["span_id"].string_value = format(ctx.span_id, "016x")
-        return metadata
 
     # -- recording (after the answer is written) --------------------------------
 
@@ -210,9 +184,8 @@ class StreamSession:
                 attrs[sc.URL_QUERY] = facts.query
             span.set_attributes(attrs)
             if facts.route is None:
-                route = facts.route_template(
-                    request.metadata_context, self._deps.metadata_namespace
-                )
+                route = facts.route_template(request.metadata_context,
+                                             self._deps.metadata_namespace)
                 if route:
                     span.set_attribute(sc.HTTP_ROUTE, route)
                     span.update_name(f"{facts.span_name} {route}")
@@ -299,7 +272,3 @@ class StreamSession:
             self._response_attrs, extra, final, self.cancelled and self._deps.graceful_close)
         apply(span, result)
         return result.error_type
-
-
-# Response headers we add to rather than replace (the upstream's own timings stay).
-_APPENDED: Final = frozenset({"server-timing"})

@@ -21,6 +21,16 @@ def caplog(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixtur
     logger.remove(handler_id)
 
 
+@pytest.fixture
+def in_process_sidecar(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """For tests that run the sidecar in this process: no metrics export (nothing
+    listens on the OTLP default) and no default loguru handler in the output."""
+    monkeypatch.setenv("OTEL_METRICS_EXPORTER", "none")
+    logger.remove()
+    yield
+    logger.remove()
+
+
 @dataclass
 class Reply:
     status: int

@@ -34,6 +34,8 @@ from tests.integration.test_servicer import (
     running_server,
 )
 
+pytestmark = pytest.mark.usefixtures("in_process_sidecar")
+
 T = TypeVar("T")
 PHASES = ("request_headers", "response_headers", "request_body", "response_body",
           "request_trailers", "response_trailers")
@@ -361,15 +363,3 @@ async def test_attribute_values_are_bounded(monkeypatch: pytest.MonkeyPatch) -> 
         assert len(attrs(span)["url.query"]) <= 200
         (captured,) = attrs(span)["http.request.header.x-big"]
         assert len(captured) <= 64 and captured.endswith("[TRUNCATED]")
-
-
-@pytest.fixture(autouse=True)
-def _no_metrics_export(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("OTEL_METRICS_EXPORTER", "none")
-
-
-@pytest.fixture(autouse=True)
-def _quiet_logs() -> Iterator[None]:
-    logger.remove()
-    yield
-    logger.remove()

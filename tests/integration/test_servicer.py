@@ -29,6 +29,8 @@ from ext_proc.config import load_settings
 from ext_proc.logs import install_correlation, json_line
 from ext_proc.telemetry import Telemetry
 
+pytestmark = pytest.mark.usefixtures("in_process_sidecar")
+
 NS = "envoy.filters.http.ext_proc"
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_ID = "00f067aa0ba902b7"
@@ -251,17 +253,3 @@ async def _wait(predicate: Any, limit_s: float = 5.0) -> bool:
             return False
         await asyncio.sleep(0.01)
     return True
-
-
-@pytest.fixture(autouse=True)
-def _no_metrics_export(monkeypatch: pytest.MonkeyPatch) -> None:
-    """In-process sidecars export no metrics (nothing listens on the OTLP default)."""
-    monkeypatch.setenv("OTEL_METRICS_EXPORTER", "none")
-
-
-@pytest.fixture(autouse=True)
-def _quiet_logs() -> Any:
-    """Keep the sidecar's default stderr handler out of the test output."""
-    logger.remove()
-    yield
-    logger.remove()

@@ -22,7 +22,7 @@ from typing import Final
 
 import pytest
 
-from ext_proc.devstack import ROOT, Proc, _grpc_serving, free_port, wait_until
+from ext_proc.devstack import ROOT, Proc, free_port, grpc_serving, wait_until
 
 DOCKERFILE: Final = ROOT / "Dockerfile"
 
@@ -147,7 +147,7 @@ def sidecar(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                 tmp_path_factory.mktemp("hc") / "sidecar.log", env)
     proc.start()
     try:
-        wait_until(lambda: proc.alive() and _grpc_serving(target), 30, "sidecar")
+        wait_until(lambda: proc.alive() and grpc_serving(target), 30, "sidecar")
         yield target
     finally:
         proc.stop()

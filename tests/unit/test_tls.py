@@ -15,7 +15,6 @@ from typing import Any
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from loguru import logger
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
@@ -30,6 +29,8 @@ from ext_proc.tls import (
     load_server_tls,
 )
 from tests.pki import SERVER_NAME, Pki, make_pki
+
+pytestmark = pytest.mark.usefixtures("in_process_sidecar")
 
 
 @pytest.fixture(scope="module")
@@ -281,15 +282,3 @@ def test_otlp_exporter_without_client_cert_is_refused(
         })
         assert result == SpanExportResult.FAILURE
         assert traces.calls == []
-
-
-@pytest.fixture(autouse=True)
-def _no_metrics_export(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("OTEL_METRICS_EXPORTER", "none")
-
-
-@pytest.fixture(autouse=True)
-def _quiet_logs() -> Iterator[None]:
-    logger.remove()
-    yield
-    logger.remove()
