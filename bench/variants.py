@@ -15,17 +15,25 @@ what traces the request:
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any, Final
 
 import yaml
 
-from ext_proc.devstack import ENVOY_YAML, ROOT, Config, Ports, hcm_of, render_envoy_config
+from ext_proc.devstack import (
+    ENVOY_YAML,
+    ROOT,
+    Config,
+    Ports,
+    hcm_of,
+    render_envoy_config,
+    static_cluster,
+)
 
 EXT_PROC_FILTER: Final = "envoy.filters.http.ext_proc"
 SIDECAR_CLUSTER: Final = "extproc_otel"
 WORKERS_YAML: Final = ROOT / "envoy" / "envoy-workers.yaml"
+LEAN_YAML: Final = ROOT / "envoy" / "envoy-lean.yaml"
 BENCH_PATH: Final = "/bench"
 NATIVE_SERVICE: Final = "envoy-native-tracer"
 # The native tracer buffers spans and sends them every flush interval (default 5 s)
@@ -34,18 +42,6 @@ _NATIVE_RUNTIME: Final = {"tracing.opentelemetry.flush_interval_ms": 1000}
 _HTTP2: Final = {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
     "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
     "explicit_http_config": {"http2_protocol_options": {}}}}
-
-
-def _static_cluster(name: str, port: int, http2: bool = False) -> Config:
-    cluster: Config = {
-        "name": name, "type": "STATIC", "connect_timeout": "0.25s",
-        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [
-            {"endpoint": {"address": {"socket_address": {
-                "address": "127.0.0.1", "port_value": port}}}}]}]},
-    }
-    if http2:
-        cluster["typed_extension_protocol_options"] = copy.deepcopy(_HTTP2)
-    return cluster
 
 
 def upstream_config(port: int) -> Config:
@@ -100,7 +96,7 @@ def _native_tracer(config: Config, receiver_port: int) -> None:
             "grpc_service": {"envoy_grpc": {"cluster_name": "otlp"}, "timeout": "1s"},
             "service_name": NATIVE_SERVICE}}}
     config["static_resources"]["clusters"].append(
-        _static_cluster("otlp", receiver_port, http2=True))
+        static_cluster("otlp", receiver_port, http2=True))
     layers = config.setdefault("layered_runtime", {"layers": []})["layers"]
     layers.append({"name": "bench_native_tracer", "static_layer": dict(_NATIVE_RUNTIME)})
 
@@ -118,6 +114,8 @@ def proxy_config(variant: str, ports: Ports, access_log: Path, receiver_port: in
                  source: Path = ENVOY_YAML, workers_source: Path = WORKERS_YAML) -> Config:
     """The proxy Envoy's config for `variant` (alone | native | sidecar | workers);
     ``ports.users`` is the fast upstream."""
+    if variant == "sidecar-lean":  # envoy-lean.yaml: no response phase
+        source = LEAN_YAML
     config = render_envoy_config(ports, access_log, source)
     routes = hcm_of(config)["route_config"]["virtual_hosts"][0]["routes"]
     routes.insert(0, {"name": "bench", "match": {"prefix": BENCH_PATH},
@@ -132,9 +130,6 @@ def proxy_config(variant: str, ports: Ports, access_log: Path, receiver_port: in
         spread = workers_cluster(workers_source)
         spread["load_assignment"] = clusters[index]["load_assignment"]  # keep our port
         clusters[index] = spread
-    if variant == "sidecar-lean":  # experiment: no response phase (ALS only)
-        mode = hcm_of(config)["http_filters"][0]["typed_config"]["processing_mode"]
-        mode["response_header_mode"] = mode["response_trailer_mode"] = "SKIP"
     if variant not in VARIANTS and variant not in SIDECAR_AB:
         raise ValueError(f"unknown variant {variant!r}")
     return config
@@ -180,14 +175,41 @@ def render_workers_yaml(reference: str) -> str | None:
     return _WORKERS_HEADER + body
 
 
+_LEAN_HEADER: Final = """\
+# GENERATED from envoy.yaml by `python -m bench.variants`: edit envoy.yaml, then rerun.
+#
+# The lean variant: Envoy skips the ext_proc response phase, so each request costs
+# one ext_proc message instead of two or three, and the sidecar learns how the
+# request ended only from Envoy's gRPC access log (same cluster): status, flags,
+# grpc-status, body size and the exact end (start + %DURATION%). Measured with
+# `make bench` (BENCH_CONFIGS=sidecar,lean). Not possible in this mode: response
+# header mutations (propagation.response: traceresponse/server-timing), and a span
+# is exported only when its request ends (stream.response_wait_s bounds the wait).
+#
+"""
+_RESPONSE_MODES: Final = ("response_header_mode: SEND", "response_trailer_mode: SEND")
+
+
+def render_lean_yaml(reference: str) -> str | None:
+    """envoy.yaml's text with the response phase skipped; None if its modes are not found."""
+    if any(reference.count(mode) != 1 for mode in _RESPONSE_MODES):
+        return None
+    body = reference[reference.find("\nadmin:") + 1:]
+    for mode in _RESPONSE_MODES:
+        body = body.replace(mode, mode.replace("SEND", "SKIP"))
+    return _LEAN_HEADER + body
+
+
 def dump(config: dict[str, Any], path: Path) -> Path:
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
 
 
 if __name__ == "__main__":
-    rendered = render_workers_yaml(ENVOY_YAML.read_text())
-    if rendered is None:
-        raise SystemExit(f"{ENVOY_YAML}: no extproc_otel cluster with {_H2_EMPTY}")
-    WORKERS_YAML.write_text(rendered)
-    print(f"wrote {WORKERS_YAML}")
+    reference = ENVOY_YAML.read_text()
+    for path, render in ((WORKERS_YAML, render_workers_yaml), (LEAN_YAML, render_lean_yaml)):
+        rendered = render(reference)
+        if rendered is None:
+            raise SystemExit(f"{ENVOY_YAML}: cannot derive {path.name}")
+        path.write_text(rendered)
+        print(f"wrote {path}")

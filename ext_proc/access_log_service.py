@@ -59,6 +59,9 @@ RESPONSE_FLAG_CODES: Final[dict[str, str]] = {
 }
 
 
+GRPC_STATUS: Final = "grpc-status"
+
+
 @dataclass(frozen=True, slots=True)
 class FinalFacts:
     """What Envoy's access log says about how one exchange ended."""
@@ -68,6 +71,9 @@ class FinalFacts:
     response_flags: tuple[str, ...]  # short codes in field order, e.g. ("UF", "URX")
     response_code_details: str | None  # e.g. "upstream_reset_after_response_started{...}"
     body_bytes_sent: int | None  # response body bytes sent downstream
+    duration_ns: int | None = None  # start to last byte sent downstream (%DURATION%)
+    grpc_status: str | None = None  # logged via additional_response_{headers,trailers}_to_log
+    upstream_attempts: int | None = None
 
 
 def response_flag_codes(flags: log_pb.ResponseFlags) -> tuple[str, ...]:
@@ -91,18 +97,28 @@ def final_facts(entry: log_pb.HTTPAccessLogEntry) -> FinalFacts | None:
     code: int | None = None
     body: int | None = None
     details: str | None = None
+    grpc_status: str | None = None
     if entry.HasField("response"):
         response = entry.response
         if response.HasField("response_code") and response.response_code.value:
             code = response.response_code.value
         body = response.response_body_bytes
         details = response.response_code_details or None
+        grpc_status = (response.response_trailers.get(GRPC_STATUS)
+                       or response.response_headers.get(GRPC_STATUS) or None)
+    common = entry.common_properties
+    elapsed = (common.time_to_last_downstream_tx_byte
+               if common.HasField("time_to_last_downstream_tx_byte") else
+               common.duration if common.HasField("duration") else None)
     return FinalFacts(
         request_id=request_id,
         response_code=code,
-        response_flags=response_flag_codes(entry.common_properties.response_flags),
+        response_flags=response_flag_codes(common.response_flags),
         response_code_details=details,
         body_bytes_sent=body,
+        duration_ns=elapsed.ToNanoseconds() if elapsed is not None else None,
+        grpc_status=grpc_status,
+        upstream_attempts=common.upstream_request_attempt_count or None,
     )
 
 

@@ -129,8 +129,9 @@ def build_sidecar(settings: Settings, telemetry: Telemetry | None = None) -> Sid
         wrap=lambda inner: KeepErrorsProcessor.from_settings(inner, keep, time.monotonic))
     rejections = Rejections()
     propagators = PropagatorCache(rejections)
-    join = AccessLogJoin(settings.stream.join_timeout_s) if settings.stream.join_access_log \
-        else None
+    stream = settings.stream
+    join = AccessLogJoin(stream.join_timeout_s, stream.response_wait_s) \
+        if stream.join_access_log else None
     deps = StreamDeps(
         tracer=telemetry.tracer,
         propagator=propagators.get(settings.propagation),

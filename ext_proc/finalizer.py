@@ -83,6 +83,9 @@ class _AgedIndex(Generic[_T]):
     def oldest(self) -> _T | None:
         return next(iter(self._items.values()), None)
 
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self._by_id
+
     def pop_oldest(self) -> _T | None:
         if not self._items:
             return None
@@ -172,6 +175,14 @@ class SpanFinalizer:
             self.unmatched += 1
         self._kept.add(_Kept(facts.request_id, now + self._keep_s, facts))
 
+    def is_parked(self, request_id: str) -> bool:
+        return request_id in self._parked
+
+    def take_kept(self, request_id: str) -> FinalFacts | None:
+        """An entry that arrived before its exchange closed, if one is kept."""
+        kept = self._kept.pop_id(request_id)
+        return kept.facts if kept is not None else None
+
     def flush(self) -> None:
         """Finish every parked exchange now with None and forget kept entries (shutdown)."""
         self._disarm()
@@ -224,18 +235,39 @@ class AccessLogJoin:
     """Envoy's access log (gRPC ALS) joined to ext_proc exchanges by request id.
 
     Until Envoy has opened an ALS stream to us (its config may not send one),
-    exchanges finish at once; after that, each waits up to `timeout_s` for its entry.
+    exchanges finish at once. After that, an exchange whose response was seen waits
+    up to `timeout_s` for its entry; one whose stream closed before any response (a
+    client abort, or an Envoy that skips the response phase: envoy/envoy-lean.yaml)
+    waits up to `response_wait_s`, since the entry comes only when the request ends.
     """
 
-    def __init__(self, timeout_s: float, loop_time: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, timeout_s: float, response_wait_s: float,
+                 loop_time: Callable[[], float] = time.monotonic) -> None:
         self.finalizer = SpanFinalizer(loop_time, timeout_s)
-        self.service = AccessLogService(self.finalizer.deliver)
+        self.awaiting = SpanFinalizer(loop_time, response_wait_s, max_kept=0)
+        self.service = AccessLogService(self.deliver)
 
-    def defer(self, request_id: str, finish: Finish) -> None:
-        if self.service.connected:
+    def defer(self, request_id: str, finish: Finish, *, responded: bool = True) -> None:
+        if not self.service.connected:
+            finish(None)
+        elif responded:
             self.finalizer.defer(request_id, finish)
         else:
-            finish(None)
+            early = self.finalizer.take_kept(request_id)
+            if early is not None:
+                finish(early)
+            else:
+                self.awaiting.defer(request_id, finish)
+
+    def deliver(self, facts: FinalFacts) -> None:
+        if self.awaiting.is_parked(facts.request_id):
+            self.awaiting.deliver(facts)
+        else:
+            self.finalizer.deliver(facts)  # finishes a parked exchange, or keeps the entry
+
+    def pending(self) -> int:
+        return self.finalizer.pending() + self.awaiting.pending()
 
     def flush(self) -> None:
         self.finalizer.flush()
+        self.awaiting.flush()

@@ -63,15 +63,27 @@ def interrupted(result: Outcome) -> Outcome:
 RESET_FLAGS: Final = frozenset({"UR", "UC", "LR", "DC", "DR", "UPE", "SI", "DT", "UMSDR", "DPE"})
 
 
-def with_final_facts(result: Outcome, seen_status: int, final: FinalFacts) -> Outcome:
-    """Refine `result` with Envoy's own record of how the exchange ended."""
+def merge_final_facts(result: Outcome, final: FinalFacts) -> None:
+    """Add what only Envoy's access-log entry knows: body size, late flags, attempts."""
+    attrs = result.attributes
     if final.body_bytes_sent is not None:
-        result.attributes[sc.HTTP_RESPONSE_BODY_SIZE] = final.body_bytes_sent
+        attrs[sc.HTTP_RESPONSE_BODY_SIZE] = final.body_bytes_sent
+    if final.response_flags:
+        known = attrs.get(sc.ENVOY_RESPONSE_FLAGS) or []
+        attrs[sc.ENVOY_RESPONSE_FLAGS] = list(dict.fromkeys([*known, *final.response_flags]))
+    if final.upstream_attempts is not None:
+        attrs.setdefault(sc.ENVOY_UPSTREAM_ATTEMPTS, final.upstream_attempts)
+
+
+def with_final_facts(result: Outcome, status: int, final: FinalFacts) -> Outcome:
+    """Refine `result` with Envoy's own record of how the exchange ended."""
+    merge_final_facts(result, final)
     flags = final.response_flags
-    if flags:
-        known = result.attributes.get(sc.ENVOY_RESPONSE_FLAGS) or []
-        result.attributes[sc.ENVOY_RESPONSE_FLAGS] = list(dict.fromkeys([*known, *flags]))
-    if seen_status < 500 and result.error_type is None and RESET_FLAGS.intersection(flags):
+    if result.error_type == str(status):  # a bare 5xx: the flags may say why
+        cause = next((FLAG_ERROR_TYPES[f] for f in flags if f in FLAG_ERROR_TYPES), None)
+        if cause is not None:
+            result.error_type = result.attributes[sc.ERROR_TYPE] = cause
+    if status < 500 and result.error_type is None and RESET_FLAGS.intersection(flags):
         result = interrupted(result)
     return result
 
@@ -152,7 +164,10 @@ def exchange_outcome(status: int | None, grpc_status: str | None, is_grpc: bool,
     """The gateway span's ending. `status` None: no response was seen; `final`: Envoy's
     access-log entry, when joined; `reset`: the stream was reset after the response."""
     if status is None:
-        return aborted()
+        result = aborted()
+        if final is not None:
+            merge_final_facts(result, final)
+        return result
     result = outcome(status, grpc_status, is_grpc, envoy)
     result.attributes.update(extra)
     if final is not None:

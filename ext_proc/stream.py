@@ -218,7 +218,8 @@ class StreamSession:
         finalizer = self._deps.finalizer
         request_id = self._facts.request_id if self._facts else None
         if finalizer is not None and request_id:
-            finalizer.defer(request_id, lambda final: self._complete(end_ns, final))
+            finalizer.defer(request_id, lambda final: self._complete(end_ns, final),
+                            responded=self._status is not None)
         else:
             self._complete(end_ns, None)
 
@@ -226,6 +227,13 @@ class StreamSession:
         span = self.span
         if span is None:
             return
+        if self._status is None and final is not None and final.response_code:
+            # Envoy skipped the response phase (envoy-lean.yaml), or we missed it: its
+            # access log has the response, and the exact end (start + %DURATION%).
+            self._status = final.response_code
+            self._grpc_status = self._grpc_status or final.grpc_status
+            if final.duration_ns is not None:
+                end_ns = self._start_ns + final.duration_ns
         error_type: str | None = None
         try:
             error_type = self._finish(span, final)

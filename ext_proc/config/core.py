@@ -149,7 +149,17 @@ class StreamSettings(BaseModel):
     )
     join_timeout_s: float = Field(
         1.0, gt=0, le=30,
-        description="How long a closed exchange waits for Envoy's access-log entry.",
+        description="How long a closed exchange whose response was seen waits for Envoy's "
+                    "access-log entry.",
+    )
+    response_wait_s: float = Field(
+        300.0, gt=0, le=86_400,
+        description=(
+            "How long an exchange whose stream closed before any response waits for "
+            "Envoy's access-log entry, which comes when the request ends: with an Envoy "
+            "that skips the response phase (envoy/envoy-lean.yaml) that is every request, "
+            "so set it above your longest request."
+        ),
     )
     upstream_span: bool = Field(
         False,

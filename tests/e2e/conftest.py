@@ -40,7 +40,7 @@ def route_with_options(prefix: str, cluster: str, options: dict[str, str]) -> di
     }
 
 
-def test_routes(config: Config) -> None:
+def add_test_routes(config: Config) -> None:
     """The shipped config plus routes only tests need."""
     add_dead_route(config)
     routes = hcm_of(config)["route_config"]["virtual_hosts"][0]["routes"]
@@ -55,7 +55,7 @@ def test_routes(config: Config) -> None:
 @pytest.fixture(scope="module")
 def stack(receiver: OtlpReceiver, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     with Stack(tmp_path_factory.mktemp("stack"), receiver.endpoint,
-               mutate_config=test_routes) as running:
+               mutate_config=add_test_routes) as running:
         yield running
 
 
