@@ -20,6 +20,7 @@ from ext_proc.seams import ExchangeRecord
 
 REQUEST_DURATION: Final = "http.server.request.duration"
 ACTIVE_REQUESTS: Final = "http.server.active_requests"
+RESPONSE_BODY_SIZE: Final = "http.server.response.body.size"
 PHASE_DURATION: Final = "extproc.phase.duration"
 ACTIVE_STREAMS: Final = "extproc.stream.active"
 REJECTED_HEADERS: Final = "extproc.propagation.rejected"
@@ -46,6 +47,10 @@ class RedMetrics:
         self._duration = meter.create_histogram(
             REQUEST_DURATION, unit="s", description="Duration of HTTP server requests.",
             explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
+        )
+        # Known from Envoy's access log (envoy.access_loggers.http_grpc to the sidecar).
+        self._body = meter.create_histogram(
+            RESPONSE_BODY_SIZE, unit="By", description="Size of HTTP server response bodies.",
         )
         # Counted in plain ints and observed at collection time: two SDK adds per
         # request cost ~30 us; this costs well under one.
@@ -96,7 +101,10 @@ class RedMetrics:
         context: Context | None = None
         if self._settings.exemplars and record.span_context.is_valid:
             context = set_span_in_context(NonRecordingSpan(record.span_context))
-        self._duration.record(max(record.duration_s, 0.0), self.attributes(record), context)
+        attributes = self.attributes(record)
+        self._duration.record(max(record.duration_s, 0.0), attributes, context)
+        if record.response_body_size is not None:
+            self._body.record(record.response_body_size, attributes, context)
 
 
 class RuntimeMetrics:

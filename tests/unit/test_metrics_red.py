@@ -10,7 +10,12 @@ from opentelemetry.trace import INVALID_SPAN_CONTEXT, SpanContext, TraceFlags
 
 from ext_proc.config.telemetry import MetricsSettings
 from ext_proc.metrics.pipeline import Metrics, build_metrics
-from ext_proc.metrics.red import ACTIVE_REQUESTS, DURATION_BUCKETS, REQUEST_DURATION
+from ext_proc.metrics.red import (
+    ACTIVE_REQUESTS,
+    DURATION_BUCKETS,
+    REQUEST_DURATION,
+    RESPONSE_BODY_SIZE,
+)
 from ext_proc.seams import ExchangeRecord
 
 TRACE_ID = 0x4BF92F3577B34DA6A3CE929D0E0E4736
@@ -52,6 +57,19 @@ def test_duration_histogram_has_convention_name_unit_and_buckets() -> None:
     assert dict(point.attributes or {}) == {
         "http.request.method": "GET", "http.route": "/api/users",
         "http.response.status_code": 200}
+
+
+def test_response_body_size_when_envoys_access_log_reported_it() -> None:
+    metrics, reader = built()
+    assert metrics.red is not None
+    metrics.red.stream_finished(record())  # no access-log entry: no size
+    full = ExchangeRecord("GET", "/api/users", 200, None, 0.01, SAMPLED, response_body_size=1234)
+    metrics.red.stream_finished(full)
+    m = metric(reader, RESPONSE_BODY_SIZE)
+    assert m.unit == "By"
+    (point,) = m.data.data_points
+    assert isinstance(point, HistogramDataPoint)
+    assert point.count == 1 and point.sum == 1234
 
 
 @pytest.mark.parametrize(("route", "expected"), [
