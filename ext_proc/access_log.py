@@ -16,6 +16,7 @@ class AccessLog:
 
     def stream_finished(self, record: ExchangeRecord) -> None:
         ctx = record.span_context
+        extra = {"tenant": record.tenant} if record.tenant is not None else {}
         logger.bind(
             trace_id=format(ctx.trace_id, "032x"),
             span_id=format(ctx.span_id, "016x"),
@@ -25,5 +26,5 @@ class AccessLog:
             status=record.status,
             duration_ms=round(record.duration_s * 1000, 3),
             request_id=record.request_id,
-            tenant=record.tenant,
+            **extra,
         ).info(ACCESS_MESSAGE)
