@@ -88,3 +88,19 @@ def test_serve_refuses_an_address_it_cannot_bind() -> None:
         [sys.executable, "-m", "ext_proc", "serve", "--listen", "203.0.113.1:1"],
         capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
+
+
+def test_check_config_masks_secrets() -> None:
+    secret = "canary-hmac-secret-0123456789"
+    result = CliRunner().invoke(main, ["check-config"],
+                                env={"EXTPROC_REDACTION__HMAC_SECRET": secret})
+    assert result.exit_code == 0, result.output
+    assert secret not in result.output
+    assert json.loads(result.output)["redaction"]["hmac_secret"] == "**********"
+
+
+def test_a_bad_secret_is_not_echoed_in_the_error() -> None:
+    result = CliRunner().invoke(main, ["check-config"],
+                                env={"EXTPROC_REDACTION__HMAC_SECRET": "tiny-canary"})
+    assert result.exit_code == 2  # too short for an HMAC key
+    assert "redaction.hmac_secret" in result.output and "tiny-canary" not in result.output
