@@ -234,22 +234,34 @@ class SpanFinalizer:
 class AccessLogJoin:
     """Envoy's access log (gRPC ALS) joined to ext_proc exchanges by request id.
 
-    Until Envoy has opened an ALS stream to us (its config may not send one),
-    exchanges finish at once. After that, an exchange whose response was seen waits
-    up to `timeout_s` for its entry; one whose stream closed before any response (a
-    client abort, or an Envoy that skips the response phase: envoy/envoy-lean.yaml)
-    waits up to `response_wait_s`, since the entry comes only when the request ends.
+    An exchange whose response was seen waits up to `timeout_s` for its entry; one
+    whose stream closed before any response (a client abort, or an Envoy that skips
+    the response phase: envoy/envoy-lean.yaml) waits up to `response_wait_s`, since
+    the entry comes only when the request ends. Envoy opens its ALS stream with the
+    first entry it logs, so before that every exchange waits `timeout_s`; if no stream
+    has come `probe_s` after the first exchange, Envoy is taken not to send one and
+    exchanges finish at once (until a stream does come).
     """
 
     def __init__(self, timeout_s: float, response_wait_s: float,
-                 loop_time: Callable[[], float] = time.monotonic) -> None:
+                 loop_time: Callable[[], float] = time.monotonic,
+                 probe_s: float = 10.0) -> None:
         self.finalizer = SpanFinalizer(loop_time, timeout_s)
         self.awaiting = SpanFinalizer(loop_time, response_wait_s, max_kept=0)
         self.service = AccessLogService(self.deliver)
+        self._now = loop_time
+        self._probe_s = probe_s
+        self._probe_until: float | None = None
 
     def defer(self, request_id: str, finish: Finish, *, responded: bool = True) -> None:
         if not self.service.connected:
-            finish(None)
+            now = self._now()
+            if self._probe_until is None:
+                self._probe_until = now + self._probe_s
+            if now <= self._probe_until:
+                self.finalizer.defer(request_id, finish)  # the first entry opens the stream
+            else:
+                finish(None)  # no access log from this Envoy
         elif responded:
             self.finalizer.defer(request_id, finish)
         else:
