@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import logging
 import sys
 import threading
 from datetime import UTC
@@ -104,6 +105,19 @@ _CONSOLE_FORMAT: Final = (
 )
 
 
+class _StdlibToLoguru(logging.Handler):
+    """Lines of libraries that use stdlib logging (the OTel SDK's exporters, grpc) go
+    through our sinks too, so stdout stays one JSON object per line."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            level: str | int = logger.level(record.levelname).name
+        except ValueError:
+            level = record.levelno
+        logger.opt(exception=record.exc_info).bind(source=record.name).log(
+            level, record.getMessage())
+
+
 def install_correlation() -> None:
     """Make every record carry the current span's trace_id/span_id."""
     logger.configure(patcher=_correlate)
@@ -114,6 +128,7 @@ def configure_logging(settings: LogSettings, stream: TextIO | None = None) -> No
     logger.remove()
     out = stream if stream is not None else sys.stdout
     install_correlation()
+    logging.basicConfig(handlers=[_StdlibToLoguru()], level=logging.WARNING, force=True)
     if settings.format == "json":
         logger.add(JsonSink(out), level=settings.level, format="{message}",
                    backtrace=False, diagnose=False)

@@ -73,7 +73,8 @@ class Observability:
         self._stopped = True
         try:
             if self.metrics is not None:
-                self.metrics.shutdown(timeout_s=self.settings.server.grace_s)
+                # best effort, and short: it must not hold the exit for the whole grace
+                self.metrics.shutdown(timeout_s=min(self.settings.server.grace_s, 2.0))
             if self.logs is not None:
                 self.logs.shutdown()
         finally:
