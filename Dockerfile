@@ -2,7 +2,13 @@
 # extproc-otel: the Envoy ext_proc sidecar as a small, non-root image.
 #
 #   docker build -t extproc-otel .
-#   docker run --read-only --tmpfs /tmp -p 50051:50051 extproc-otel
+#   docker run --read-only --tmpfs /tmp --network container:<envoy> extproc-otel
+#
+# The sidecar's default listen address is 127.0.0.1:50051 (share the Envoy
+# container's network, as a Kubernetes pod does). It is not set here, so a config
+# file (the Kubernetes ConfigMap) can change it. To listen on another interface, set
+# EXTPROC_SERVER__LISTEN=0.0.0.0:50051 and either TLS (docs/security.md) or the
+# explicit plaintext opt-in EXTPROC_SERVER__ALLOW_INSECURE_NON_LOOPBACK=true.
 #
 # Stage 1 generates the protobuf modules (gitignored, made by grpcio-tools) and
 # builds a wheel; stage 2 installs only that wheel and its runtime dependencies.
@@ -27,8 +33,6 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     HOME=/tmp \
-    EXTPROC_SERVER__LISTEN=0.0.0.0:50051 \
-    EXTPROC_SERVER__ALLOW_INSECURE_NON_LOOPBACK=true \
     EXTPROC_HEALTH_TARGET=127.0.0.1:50051
 COPY --from=build /wheels /wheels
 RUN pip install /wheels/*.whl \

@@ -123,6 +123,11 @@ class LogSettings(BaseModel):
     )
     access_log: bool = Field(True, description="Write one access line per request.")
 
+    @field_validator("level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
 
 class StreamSettings(BaseModel):
     model_config = _FROZEN

@@ -11,17 +11,19 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import grpc
 
 from ext_proc._gen.demo.v1 import users_pb2, users_pb2_grpc
-from ext_proc.demo.receiver import OtlpReceiver
+from ext_proc.demo.receiver import OtlpReceiver, ReceivedSpan
 from ext_proc.demo.tree import parse_log_line, render_traces
 from ext_proc.devstack import Proc, Stack
 
@@ -33,17 +35,20 @@ CLIENT_SPAN = "b7ad6b7169203331"
 class Call:
     label: str
     path: str
+    spans: int  # the trace it makes: gateway + the services' spans
     headers: tuple[tuple[str, str], ...] = ()
 
 
 HTTP_CALLS = (
-    Call("list users (new trace)", "/api/users"),
-    Call("one user, client sent a traceparent", "/api/users/2",
+    Call("list users (new trace)", "/api/users", 3),
+    Call("one user, client sent a traceparent", "/api/users/2", 3,
          (("traceparent", f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"),)),
-    Call("unknown user (404 from the service)", "/api/users/999"),
-    Call("no route (404 from Envoy)", "/no/such/route"),
-    Call("upstream error (503)", "/status/503"),
+    Call("unknown user (404 from the service)", "/api/users/999", 3),
+    Call("no route (404 from Envoy)", "/no/such/route", 1),
+    Call("upstream error (503)", "/status/503", 2),
 )
+GRPC_SPANS = 2  # gateway + the gRPC service
+GATEWAY = "extproc-otel"
 
 
 def _http(stack: Stack, call: Call) -> int:
@@ -76,6 +81,25 @@ def _log_lines(procs: list[Proc]) -> list[dict[str, Any]]:
     return lines
 
 
+def _traced_spans(receiver: OtlpReceiver) -> list[ReceivedSpan]:
+    """Spans of the traces that went through the gateway (not readiness probes)."""
+    traced = {s.trace_id for s in receiver.spans() if s.resource.get("service.name") == GATEWAY}
+    return [s for s in receiver.spans() if s.trace_id in traced]
+
+
+def _show(stack: Stack, receiver: OtlpReceiver, shown: set[str]) -> set[str]:
+    """Print the traces not shown yet; returns every trace id shown so far."""
+    spans = [s for s in _traced_spans(receiver) if s.trace_id not in shown]
+    if spans:
+        logs = _log_lines([stack.sidecar, stack.users, stack.grpc_demo])
+        print("\n" + render_traces(spans, logs, color=sys.stdout.isatty()))
+    return shown | {s.trace_id for s in spans}
+
+
+def _stop_on_signal(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt  # SIGTERM/SIGHUP stop the stack like Ctrl-C does
+
+
 def run(keep_running: bool) -> int:
     external = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
     receiver = None if external else OtlpReceiver()
@@ -91,26 +115,20 @@ def run(keep_running: bool) -> int:
             for call in HTTP_CALLS:
                 print(f"  GET {call.path:<18} {_http(stack, call)}  {call.label}")
             print(f"  gRPC demo.v1.Users/GetUser  {_grpc(stack)}")
-            expected = len(HTTP_CALLS) + 1
             if receiver is None:
                 print(f"\nspans exported to {external}; open your trace backend to see them.")
             else:
-                def complete() -> bool:
-                    gateway = [s for s in receiver.spans()
-                               if s.resource.get("service.name") == "extproc-otel"]
-                    return len(gateway) >= expected and len(receiver.spans()) >= expected * 2
-                receiver.wait_for(complete, 15)
-                logs = _log_lines([stack.sidecar, stack.users, stack.grpc_demo])
-                traced = {s.trace_id for s in receiver.spans()
-                          if s.resource.get("service.name") == "extproc-otel"}
-                spans = [s for s in receiver.spans() if s.trace_id in traced]
-                print("\n" + render_traces(spans, logs, color=sys.stdout.isatty()))
+                expected = sum(call.spans for call in HTTP_CALLS) + GRPC_SPANS
+                receiver.wait_for(lambda: len(_traced_spans(receiver)) >= expected, 15)
+                shown = _show(stack, receiver, set())
             if keep_running:
-                print(f"\nrunning; try: curl {stack.url('/api/users')}   (Ctrl-C to stop)")
+                print(f"\nrunning; try: curl {stack.url('/api/users')}   (Ctrl-C to stop; "
+                      "the traces of your requests are printed then)")
                 try:
                     threading.Event().wait()
                 except KeyboardInterrupt:
-                    pass
+                    if receiver is not None:
+                        _show(stack, receiver, shown)
         print("stopped cleanly.")
     if receiver is not None:
         receiver.stop()
@@ -122,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep-running", action="store_true",
                         help="leave the stack up after the demo requests (Ctrl-C stops it)")
     args = parser.parse_args(argv)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _stop_on_signal)
     return run(args.keep_running)
 
 

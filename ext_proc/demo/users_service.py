@@ -238,7 +238,8 @@ class UsersHandler(BaseHTTPRequestHandler):
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ext_proc.demo.users_service")
-    parser.add_argument("--listen", default="127.0.0.1:8081", help="HOST:PORT (port 0: any)")
+    parser.add_argument("--listen", default="127.0.0.1:8080",
+                        help="HOST:PORT (port 0: any); envoy/envoy.yaml expects 127.0.0.1:8080")
     parser.add_argument("--db", default=":memory:", help="sqlite database file")
     args, address, provider = service_args(parser, argv, SERVICE_NAME)
     tracer = provider.get_tracer("ext_proc.demo.users_service")
