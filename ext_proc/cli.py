@@ -80,10 +80,12 @@ def serve(config_file: Path | None, listen: str | None, log_format: str | None,
 @main.command("check-config")
 @_config_option
 def check_config(config_file: Path | None) -> None:
-    """Print the effective configuration (secrets masked) and the sampling rules in
-    force (with the rules file applied); exit 2 when invalid."""
+    """Print the effective configuration (secrets masked), the sampling rules in force
+    (with the rules file applied) and the OTEL_* variables (headers masked); exit 2
+    when `serve` would refuse any of it."""
     from ext_proc.app import build_sampling_policy
     from ext_proc.sampling import RulesFileError
+    from ext_proc.telemetry import TelemetryConfigError, check_exporters, otel_environment
 
     settings = _load(config_file, {})
     try:
@@ -91,7 +93,13 @@ def check_config(config_file: Path | None) -> None:
     except RulesFileError as exc:
         click.echo(f"invalid configuration:\nsampling.rules_file: {exc}", err=True)
         sys.exit(2)
-    shown = {**settings.model_dump(mode="json"), "sampling_active": policy.describe()}
+    try:
+        check_exporters(settings.otlp_logs.enabled)
+    except TelemetryConfigError as exc:
+        click.echo(f"invalid configuration:\n{exc}", err=True)
+        sys.exit(2)
+    shown = {**settings.model_dump(mode="json"), "sampling_active": policy.describe(),
+             "otel_environment": otel_environment()}
     click.echo(json.dumps(shown, indent=2))
 
 

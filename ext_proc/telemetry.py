@@ -134,3 +134,27 @@ def build_telemetry(
         provider.add_span_processor(wrap(processor) if wrap is not None else processor)
     tracer = provider.get_tracer(INSTRUMENTATION_NAME, ext_proc.__version__)
     return Telemetry(provider, tracer)
+
+
+def otel_environment(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The OTEL_* variables in force, header values masked (they carry credentials)."""
+    env = os.environ if env is None else env
+    return {key: ("**********" if "HEADERS" in key else value)
+            for key, value in sorted(env.items()) if key.startswith("OTEL_")}
+
+
+def check_exporters(otlp_logs: bool, env: Mapping[str, str] | None = None) -> None:
+    """Build (and drop) the exporters `serve` would build: raises TelemetryConfigError
+    for a value `serve` would refuse."""
+    from ext_proc.metrics.pipeline import exporter_names
+    from ext_proc.otlp_logs import build_log_exporter
+
+    env = os.environ if env is None else env
+    exporter = build_span_exporter(env)
+    if exporter is not None:
+        exporter.shutdown()
+    exporter_names(env)
+    if otlp_logs:
+        logs = build_log_exporter(env)
+        if logs is not None:
+            logs.shutdown()

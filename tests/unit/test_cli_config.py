@@ -104,3 +104,24 @@ def test_a_bad_secret_is_not_echoed_in_the_error() -> None:
                                 env={"EXTPROC_REDACTION__HMAC_SECRET": "tiny-canary"})
     assert result.exit_code == 2  # too short for an HMAC key
     assert "redaction.hmac_secret" in result.output and "tiny-canary" not in result.output
+
+
+@pytest.mark.parametrize("env", [
+    {"OTEL_TRACES_EXPORTER": "bogus"},
+    {"OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"},
+    {"OTEL_METRICS_EXPORTER": "statsd"},
+])
+def test_check_config_refuses_what_serve_would_refuse(env: dict[str, str]) -> None:
+    result = CliRunner().invoke(main, ["check-config"], env=env)
+    assert result.exit_code == 2
+    assert next(iter(env)) in result.output or "OTEL_EXPORTER_OTLP_PROTOCOL" in result.output
+
+
+def test_check_config_shows_otel_variables_with_headers_masked() -> None:
+    result = CliRunner().invoke(main, ["check-config"], env={
+        "OTEL_EXPORTER_OTLP_HEADERS": "authorization=Bearer%20canary-token",
+        "OTEL_SERVICE_NAME": "edge"})
+    assert result.exit_code == 0, result.output
+    shown = json.loads(result.output)["otel_environment"]
+    assert shown["OTEL_SERVICE_NAME"] == "edge"
+    assert "canary-token" not in result.output
