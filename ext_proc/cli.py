@@ -7,6 +7,7 @@ Options map onto settings keys; their meaning and defaults live in
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,11 @@ _config_option = click.option(
 
 
 def _load(config_file: Path | None, overrides: dict[str, Any]) -> Settings:
+    from ext_proc.config.reference import unknown_env_vars
+
+    for name in unknown_env_vars(os.environ):
+        click.echo(f"warning: {name} names no setting; ignored "
+                   "(see README, Configuration reference)", err=True)
     try:
         return load_settings(config_file, **overrides)
     except ConfigError as exc:

@@ -110,6 +110,13 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
     if config_file is not None:
         if not config_file.is_file():
             raise ConfigError(f"config file {config_file}: not a readable file")
+        try:
+            top = yaml.safe_load(config_file.read_text())
+        except (OSError, ValueError, yaml.YAMLError) as exc:
+            raise ConfigError(f"config file {config_file}: {exc}") from None
+        if top is not None and not isinstance(top, dict):
+            raise ConfigError(f"config file {config_file}: the top level must be a mapping "
+                              "of sections (server:, log:, ...)")
         config = SettingsConfigDict(**{**Settings.model_config, "yaml_file": config_file})
         cls = type("Settings", (Settings,), {"model_config": config})
     try:

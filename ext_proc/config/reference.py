@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from pydantic import BaseModel
@@ -28,6 +28,19 @@ def settings_fields(
             yield from settings_fields(nested, (*path, name))
         else:
             yield (*path, name), field
+
+
+# Variables with our prefix that are not settings.
+OTHER_VARIABLES = frozenset({"EXTPROC_CONFIG_FILE", "EXTPROC_HEALTH_TARGET"})
+
+
+def unknown_env_vars(env: Mapping[str, str]) -> list[str]:
+    """``EXTPROC_*`` variables that name no setting (typos are otherwise silent)."""
+    known = {ENV_PREFIX + "__".join(part.upper() for part in path)
+             for path, _ in settings_fields()}
+    return sorted(key for key in env if key.startswith(ENV_PREFIX)
+                  and key not in known and key not in OTHER_VARIABLES
+                  and not any(key.startswith(k + "__") for k in known))
 
 
 def _default(field: FieldInfo) -> str:

@@ -125,3 +125,29 @@ def test_check_config_shows_otel_variables_with_headers_masked() -> None:
     shown = json.loads(result.output)["otel_environment"]
     assert shown["OTEL_SERVICE_NAME"] == "edge"
     assert "canary-token" not in result.output
+
+
+def test_misspelt_variables_are_reported_not_silently_ignored() -> None:
+    from ext_proc.config.reference import unknown_env_vars
+
+    env = {"EXTPROC_SERVR__LISTEN": "x", "EXTPROC_SERVER__LISTEN": "127.0.0.1:1",
+           "EXTPROC_SAMPLING__TENANTS__ACME__RATIO": "0.5", "EXTPROC_CONFIG_FILE": "f",
+           "HOME": "/root"}
+    assert unknown_env_vars(env) == ["EXTPROC_SERVR__LISTEN"]
+    result = CliRunner().invoke(main, ["check-config"], env={"EXTPROC_SERVR__LISTEN": "x"})
+    assert result.exit_code == 0  # an unknown section: warned about
+    assert "EXTPROC_SERVR__LISTEN names no setting" in result.output
+    nested = CliRunner().invoke(main, ["check-config"], env={"EXTPROC_LOG__LEVL": "DEBUG"})
+    assert nested.exit_code == 2 and "log.levl" in nested.output  # a known section: an error
+
+
+def test_top_level_yaml_must_be_a_mapping(tmp_path: Path) -> None:
+    config = tmp_path / "list.yaml"
+    config.write_text("- server\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_settings(config)
+
+
+def test_log_level_is_case_insensitive(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EXTPROC_LOG__LEVEL", "debug")
+    assert load_settings().log.level == "DEBUG"
