@@ -66,8 +66,11 @@ class Sidecar:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self.serving = True
         if self.observability is not None:
-            self.admin_port = await self.observability.start(lambda: self.serving,
-                                                             self.effective_config)
+            try:
+                self.admin_port = await self.observability.start(lambda: self.serving,
+                                                                 self.effective_config)
+            except OSError as exc:
+                raise OSError(f"admin.listen {self.settings.admin.listen}: {exc}") from exc
         self._watch_rules()
         return self.port
 
@@ -193,7 +196,12 @@ async def serve(settings: Settings) -> None:
     sidecar = build_sidecar(settings)
     stop = asyncio.Event()
     with _SignalCatcher(stop):
-        port = await sidecar.start()
+        try:
+            port = await sidecar.start()
+        except BaseException:
+            await sidecar.server.stop(0)  # release what started, on this loop
+            sidecar.telemetry.shutdown()
+            raise
         logger.info("started", listen=settings.server.listen, port=port,
                     version=ext_proc.__version__)
         await stop.wait()
