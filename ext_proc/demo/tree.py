@@ -79,7 +79,7 @@ def _log_message(log: Mapping[str, Any]) -> str:
 def _log_text(log: Mapping[str, Any], paint: _Painter) -> str:
     service = log.get("service")
     prefix = f"{service}: " if service else ""
-    skip = {"trace_id", "span_id", "trace_flags", "service", "time", "level", *MESSAGE_KEYS}
+    skip = {"trace_id", "span_id", "trace_flags", "service", "time", "ts", "level", *MESSAGE_KEYS}
     fields = " ".join(f"{k}={v}" for k, v in log.items() if k not in skip)
     return paint(_LOG_MARK + prefix + _log_message(log) + (f"  {fields}" if fields else ""), _DIM)
 

@@ -85,7 +85,9 @@ class _Snapshot:
         if settings.ratio is not None:
             self.ratio = settings.ratio
         elif env_sampler is not None:
-            self.ratio, self.ratio_source = env_sampler.ratio, f"env:{env_sampler.name}"
+            self.ratio = env_sampler.ratio
+            self.ratio_source = (f"env:{env_sampler.name}" if env.get(ENV_SAMPLER)
+                                 else f"default:{env_sampler.name}")
         else:
             self.ratio = 1.0
         self.follow_parent = (
