@@ -146,8 +146,9 @@ class StreamSession:
             self._pending = request  # the upstream span ends after the answer
         if self.span is None:  # denied before ext_proc saw the request
             self._start_ns = time.time_ns()
-            self.span = self._deps.tracer.start_span("HTTP", kind=SpanKind.SERVER,
-                                                     start_time=self._start_ns)
+            self.span = self._deps.tracer.start_span(
+                "HTTP", kind=SpanKind.SERVER, start_time=self._start_ns,
+                attributes=dict(self._options.attributes))
         extra = self._propagator.response_headers(self.span.get_span_context())
         if not extra:
             return empty_response("response_headers")

@@ -52,6 +52,8 @@ async def running_server(**overrides: Any) -> AsyncIterator[Running]:
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     telemetry = Telemetry(provider, provider.get_tracer("test"))
+    # no Envoy here, so no access log to join: spans end when their stream does
+    overrides["stream"] = {"join_access_log": False, **overrides.get("stream", {})}
     settings = load_settings(server={"listen": "127.0.0.1:0", "grace_s": 1}, **overrides)
     sidecar = build_sidecar(settings, telemetry)
     port = await sidecar.start()
