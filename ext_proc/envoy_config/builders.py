@@ -24,6 +24,7 @@ FORMATS: Final[tuple[Format, ...]] = ("bootstrap", "snippet", "istio", "envoy-ga
 EXT_PROC_FILTER: Final = "envoy.filters.http.ext_proc"
 ROUTER_FILTER: Final = "envoy.filters.http.router"
 HCM_FILTER: Final = "envoy.filters.network.http_connection_manager"
+ACCESS_LOGGER: Final = "envoy.access_loggers.http_grpc"
 GRACEFUL_CLOSE_FLAG: Final = "envoy.reloadable_features.ext_proc_graceful_grpc_close"
 H2_OPTIONS_KEY: Final = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 ISTIO_API: Final = "networking.istio.io/v1alpha3"
@@ -180,6 +181,30 @@ def runtime_layer() -> Any:
         name="extproc-otel", static_layer=Struct.from_dict({GRACEFUL_CLOSE_FLAG: True}))])
 
 
+def access_log_join(opts: EnvoyConfigOptions) -> Any:
+    """Envoy's gRPC access log to the sidecar (same cluster): the sidecar ends each span
+    when Envoy's own record of the request arrives (responses cut short, body size)."""
+    from envoy_data_plane.envoy.config.accesslog.v3 import AccessLog
+    from envoy_data_plane.envoy.config.core.v3 import ApiVersion, GrpcService, GrpcServiceEnvoyGrpc
+    from envoy_data_plane.envoy.extensions.access_loggers.grpc.v3 import (
+        CommonGrpcAccessLogConfig,
+        HttpGrpcAccessLogConfig,
+    )
+
+    return AccessLog(name=ACCESS_LOGGER, typed_config=_pack(HttpGrpcAccessLogConfig(
+        common_config=CommonGrpcAccessLogConfig(
+            log_name=opts.cluster_name,
+            grpc_service=GrpcService(envoy_grpc=GrpcServiceEnvoyGrpc(
+                cluster_name=opts.cluster_name)),
+            transport_api_version=ApiVersion.V3,
+            buffer_flush_interval=timedelta(milliseconds=50),
+            buffer_size_bytes=0,
+        ),
+        additional_response_headers_to_log=["grpc-status"],
+        additional_response_trailers_to_log=["grpc-status"],
+    )))
+
+
 def bootstrap(settings: Settings, opts: EnvoyConfigOptions) -> Any:
     """A complete bootstrap: listener -> ext_proc -> router -> one upstream."""
     from envoy_data_plane.envoy.config.bootstrap.v3 import (
@@ -222,6 +247,7 @@ def bootstrap(settings: Settings, opts: EnvoyConfigOptions) -> Any:
             VirtualHost(name="all", domains=["*"], routes=routes)]),
         http_filters=[ext_proc_filter(settings, opts),
                       HttpFilter(name=ROUTER_FILTER, typed_config=_pack(Router()))],
+        access_log=[access_log_join(opts)],
     )
     listen = Address(socket_address=SocketAddress(address="0.0.0.0", port_value=opts.listener_port))
     listener = Listener(name="ingress", address=listen, filter_chains=[FilterChain(
@@ -244,6 +270,7 @@ def snippet(settings: Settings, opts: EnvoyConfigOptions) -> Doc:
         "layered_runtime": to_dict(runtime_layer()),
         "http_filters": [to_dict(ext_proc_filter(settings, opts))],
         "clusters": [to_dict(sidecar_cluster(opts))],
+        "http_connection_manager_access_log": [to_dict(access_log_join(opts))],
         "route_typed_per_filter_config": {
             "with_route_template": per_route_config(route_override(opts.example_route_template)),
             "disabled": per_route_config(route_disabled()),

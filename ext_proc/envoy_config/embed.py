@@ -43,9 +43,11 @@ class Fragments:
     clusters: list[Doc] = field(default_factory=list)
     per_route: list[Doc] = field(default_factory=list)  # typed_per_filter_config maps
     runtime_layers: list[Doc] = field(default_factory=list)
+    access_logs: list[Doc] = field(default_factory=list)  # HCM access_log entries
 
     def empty(self) -> bool:
-        return not (self.http_filters or self.clusters or self.per_route or self.runtime_layers)
+        return not (self.http_filters or self.clusters or self.per_route or self.runtime_layers
+                    or self.access_logs)
 
 
 def host_bootstrap(fragments: Fragments) -> Doc:
@@ -67,6 +69,8 @@ def host_bootstrap(fragments: Fragments) -> Doc:
            "route_config": {"name": "host", "virtual_hosts": [
                {"name": "all", "domains": ["*"], "routes": routes}]},
            "http_filters": [*filters, copy.deepcopy(_ROUTER)]}
+    if fragments.access_logs:
+        hcm["access_log"] = copy.deepcopy(fragments.access_logs)
     config: Doc = {
         "static_resources": {
             "listeners": [{"name": "host", "address": {"socket_address": {
@@ -211,6 +215,7 @@ def _snippet_fragments(doc: Doc) -> Fragments:
     found.clusters.extend(doc.get("clusters") or [])
     found.per_route.extend((doc.get("route_typed_per_filter_config") or {}).values())
     found.runtime_layers.extend((doc.get("layered_runtime") or {}).get("layers", []))
+    found.access_logs.extend(doc.get("http_connection_manager_access_log") or [])
     return found
 
 

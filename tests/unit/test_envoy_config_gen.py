@@ -142,3 +142,17 @@ def test_cli_rejects_a_bad_sidecar_address() -> None:
     result = CliRunner().invoke(main, ["envoy-config", "--sidecar-address", "nope"])
     assert result.exit_code == 2
     assert "server.listen" in result.output
+
+
+def test_bootstrap_and_snippet_send_envoys_access_log_to_the_sidecar() -> None:
+    settings = _settings()
+    opts = options_for(settings)
+    (boot,) = _docs(render("bootstrap", settings, opts))
+    hcm = boot["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
+        "typed_config"]
+    (join,) = [log for log in hcm["access_log"] if log["name"] == "envoy.access_loggers.http_grpc"]
+    common = join["typed_config"]["common_config"]
+    assert common["grpc_service"]["envoy_grpc"]["cluster_name"] == opts.cluster_name
+    assert join["typed_config"]["additional_response_trailers_to_log"] == ["grpc-status"]
+    snippet_doc = _docs(render("snippet", settings, opts))[0]
+    assert snippet_doc["http_connection_manager_access_log"] == hcm["access_log"]
