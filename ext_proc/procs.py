@@ -102,14 +102,20 @@ def grpc_channel(target: str, credentials: grpc.ChannelCredentials | None) -> gr
                                options=[("grpc.ssl_target_name_override", TLS_SERVER_NAME)])
 
 
-def grpc_serving(target: str, credentials: grpc.ChannelCredentials | None = None) -> bool:
+def grpc_health(target: str, credentials: grpc.ChannelCredentials | None = None,
+                timeout: float = 1.0) -> str:
+    """The health service's answer (SERVING, NOT_SERVING, ...) or the RPC's error code."""
     with grpc_channel(target, credentials) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(), timeout=1)
-        except grpc.RpcError:
-            return False
-        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+                health_pb2.HealthCheckRequest(), timeout=timeout)
+        except grpc.RpcError as exc:
+            return str(exc.code().name)
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+
+
+def grpc_serving(target: str, credentials: grpc.ChannelCredentials | None = None) -> bool:
+    return grpc_health(target, credentials) == "SERVING"
 
 
 def grpc_channel_ready(target: str) -> bool:

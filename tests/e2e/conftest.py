@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import socket
 import uuid
 from collections.abc import Callable, Iterator
 
 import pytest
 
 from ext_proc.demo.receiver import OtlpReceiver, ReceivedSpan
-from ext_proc.devstack import Config, Stack, add_dead_route, hcm_of
+from ext_proc.devstack import Config, Stack, add_dead_route, hcm_of, wait_until
 
 SIDECAR_SERVICE = "extproc-otel"
 SERVER_KIND = 2  # opentelemetry.proto.trace.v1.Span.SPAN_KIND_SERVER
@@ -80,3 +81,13 @@ def wait_gateway_span(receiver: OtlpReceiver, pred: Callable[[ReceivedSpan], boo
 
 def with_query(tag_value: str) -> Callable[[ReceivedSpan], bool]:
     return lambda s: f"tag={tag_value}" in str(s.attributes.get("url.query", ""))
+
+
+def abort_in_flight(stack: Stack, tag_value: str, ms: int = 3000) -> None:
+    """A client that sends GET /slow and leaves once Envoy forwarded it upstream (so
+    the ext_proc stream is open and no response has come yet)."""
+    with socket.create_connection(("127.0.0.1", stack.ports.listener), timeout=5) as sock:
+        sock.sendall(f"GET /slow?ms={ms}&tag={tag_value} HTTP/1.1\r\nHost: x\r\n\r\n"
+                     .encode())
+        wait_until(lambda: stack.envoy_stat("cluster.users.upstream_rq_active") >= 1, 10,
+                   "the request to reach the upstream")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import statistics
 
 import pytest
@@ -12,6 +11,7 @@ from ext_proc.devstack import Stack, wait_until
 from tests.conftest import http_request
 from tests.e2e.conftest import (
     SERVER_KIND,
+    abort_in_flight,
     gateway_spans,
     tag,
     wait_gateway_span,
@@ -134,11 +134,7 @@ def test_status_code_and_span_status(stack: Stack, receiver: OtlpReceiver, path:
 
 def test_client_abort_gives_an_error_span(stack: Stack, receiver: OtlpReceiver) -> None:
     t = tag()
-    with socket.create_connection(("127.0.0.1", stack.ports.listener), timeout=5) as sock:
-        sock.sendall(f"GET /slow?ms=5000&tag={t} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-        # abort once the request is in flight upstream
-        wait_until(lambda: stack.envoy_stat("cluster.users.upstream_rq_active") >= 1, 10,
-                   "the request to reach the upstream")
+    abort_in_flight(stack, t, ms=5000)
     span = wait_gateway_span(receiver, with_query(t))
     assert span.status_code == STATUS_ERROR
     assert span.attributes["error.type"] == "client_aborted"

@@ -21,6 +21,7 @@ from ext_proc.devstack import Config, Stack, add_dead_route, hcm_of, static_clus
 from tests.conftest import http_request
 from tests.e2e.conftest import (
     SERVER_KIND,
+    abort_in_flight,
     gateway_spans,
     route_with_options,
     tag,
@@ -245,7 +246,7 @@ def test_exactly_one_span_per_request_under_concurrency(
         ("ok", lambda t: _expect(http_request(stack.base_url, f"/api/users?tag={t}").status, 200)),
         ("404", lambda t: _expect(http_request(stack.base_url, f"/nope?tag={t}").status, 404)),
         ("503", lambda t: _expect(http_request(stack.base_url, f"/down?tag={t}").status, 503)),
-        ("abort", lambda t: _abort(stack, t)),
+        ("abort", lambda t: abort_in_flight(stack, t)),
         ("grpc", lambda t: _grpc_fail(stack, t)),
     ]
     plan = [(kind, fn, tag()) for _ in range(12) for kind, fn in kinds]
@@ -275,14 +276,6 @@ def test_exactly_one_span_per_request_under_concurrency(
 
 def _expect(got: int, want: int) -> None:
     assert got == want
-
-
-def _abort(stack: Stack, t: str) -> None:
-    with socket.create_connection(("127.0.0.1", stack.ports.listener), timeout=5) as sock:
-        sock.sendall(f"GET /slow?ms=3000&tag={t} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-        # The ext_proc stream is open once Envoy forwarded the request upstream.
-        wait_until(lambda: stack.envoy_stat("cluster.users.upstream_rq_active") >= 1, 10,
-                   "the request to reach the upstream")
 
 
 def _grpc_fail(stack: Stack, trace_id: str) -> None:

@@ -3,7 +3,6 @@ ending from Envoy's gRPC access log and still makes exactly one correct span."""
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 
 import grpc
@@ -13,7 +12,14 @@ from ext_proc._gen.demo.v1 import users_pb2, users_pb2_grpc
 from ext_proc.demo.receiver import OtlpReceiver
 from ext_proc.devstack import Stack, wait_until
 from tests.conftest import http_request
-from tests.e2e.conftest import add_test_routes, gateway_spans, tag, wait_gateway_span, with_query
+from tests.e2e.conftest import (
+    abort_in_flight,
+    add_test_routes,
+    gateway_spans,
+    tag,
+    wait_gateway_span,
+    with_query,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -111,10 +117,7 @@ def test_grpc_status_from_the_access_log(lean: tuple[Stack, OtlpReceiver], code:
 def test_client_abort(lean: tuple[Stack, OtlpReceiver]) -> None:
     stack, receiver = lean
     t = tag()
-    with socket.create_connection(("127.0.0.1", stack.ports.listener), timeout=5) as sock:
-        sock.sendall(f"GET /slow?ms=3000&tag={t} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-        wait_until(lambda: stack.envoy_stat("cluster.users.upstream_rq_active") >= 1, 10,
-                   "the request to reach the upstream")
+    abort_in_flight(stack, t)
     span = wait_gateway_span(receiver, with_query(t))
     assert span.status_code == STATUS_ERROR
     assert span.attributes["error.type"] == "client_aborted"

@@ -9,27 +9,20 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
 from ext_proc.demo.receiver import OtlpReceiver, ReceivedSpan, decode_spans
 from ext_proc.devstack import Stack, wait_until
+from ext_proc.procs import grpc_health
 from tests.conftest import Reply, http_request
 from tests.e2e.conftest import tag, wait_gateway_span, with_query
 
 pytestmark = pytest.mark.e2e
 
 
-def _health(port: int) -> str:
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(), timeout=0.5)
-        except grpc.RpcError as exc:
-            return str(exc.code().name)
-        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+def _health_of(port: int) -> str:
+    return grpc_health(f"127.0.0.1:{port}", timeout=0.5)
 
 
 def test_sigterm_finishes_in_flight_requests_and_flushes_spans(tmp_path: Path) -> None:
@@ -46,11 +39,11 @@ def test_sigterm_finishes_in_flight_requests_and_flushes_spans(tmp_path: Path) -
         client.start()
         wait_until(lambda: stack.envoy_stat("cluster.users.upstream_rq_active") >= 1, 10,
                    "the request to be in flight")
-        assert _health(stack.ports.sidecar) == "SERVING"
+        assert _health_of(stack.ports.sidecar) == "SERVING"
         signalled = time.monotonic()
         assert stack.sidecar.popen is not None
         stack.sidecar.popen.send_signal(signal.SIGTERM)
-        wait_until(lambda: _health(stack.ports.sidecar) != "SERVING", 5, "health to flip")
+        wait_until(lambda: _health_of(stack.ports.sidecar) != "SERVING", 5, "health to flip")
         client.join(10)
         assert replies and replies[0].status == 200
         code = stack.sidecar.popen.wait(10)

@@ -10,30 +10,23 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ext_proc.demo.receiver import OtlpReceiver
 from ext_proc.devstack import ROOT, Proc, Stack, free_port, wait_until
+from ext_proc.procs import grpc_health
 from tests.conftest import http_request
 from tests.e2e.conftest import SIDECAR_SERVICE
 
 pytestmark = pytest.mark.e2e
 
+
+def _health_of(port: int) -> str:
+    return grpc_health(f"127.0.0.1:{port}", timeout=2)
+
 WORKERS = 2
 QUIET = {"OTEL_TRACES_EXPORTER": "none", "OTEL_METRICS_EXPORTER": "none",
          "OTEL_LOGS_EXPORTER": "none"}
-
-
-def _health(port: int) -> str:
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(), timeout=2)
-        except grpc.RpcError as exc:
-            return str(exc.code().name)
-        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
 
 
 def _lines(proc: Proc, msg: str) -> list[dict[str, Any]]:
@@ -71,12 +64,12 @@ def test_a_killed_worker_is_restarted_and_the_port_keeps_serving(
     os.kill(first[0], signal.SIGKILL)
     wait_until(lambda: bool(_lines(proc, "worker died; restarting")), 10, "the death noticed")
     # One worker still listens while the other restarts: the port never stops serving.
-    assert [_health(port) for _ in range(10)] == ["SERVING"] * 10
+    assert [_health_of(port) for _ in range(10)] == ["SERVING"] * 10
     wait_until(lambda: len(_lines(proc, "started")) >= WORKERS + 1, 30, "the restarted worker")
     restarted = [line for line in _lines(proc, "worker started") if line["worker"] == 0]
     assert len(restarted) == 2 and restarted[1]["pid"] != first[0]
     assert _lines(proc, "worker died; restarting")[0]["exit_code"] == -signal.SIGKILL
-    assert [_health(port) for _ in range(10)] == ["SERVING"] * 10
+    assert [_health_of(port) for _ in range(10)] == ["SERVING"] * 10
     assert proc.alive()
 
 
@@ -89,7 +82,7 @@ def test_sigterm_to_the_supervisor_drains_every_worker_and_exits_zero(
     assert all(_gone(pid) for pid in pids)
     stopped = {line["worker"] for line in _lines(proc, "stopped")}
     assert stopped == set(range(WORKERS))  # each worker drained and stopped itself
-    assert _health(port) == "UNAVAILABLE"
+    assert _health_of(port) == "UNAVAILABLE"
 
 
 def test_spans_from_every_worker_arrive(tmp_path: Path) -> None:
