@@ -9,7 +9,8 @@ import pytest
 from pydantic import ValidationError
 
 from ext_proc.config.sampling import SamplingSettings
-from ext_proc.sampling import RequestFacts, build_sampling
+from ext_proc.sampling import build_sampling
+from tests.unit.test_sampling_sampler import facts
 
 RULES: list[dict[str, Any]] = [
     {"name": "health", "path_prefix": "/health", "ratio": 0.01},
@@ -21,13 +22,6 @@ RULES: list[dict[str, Any]] = [
 ]
 
 
-def facts(**kw: Any) -> RequestFacts:
-    base: dict[str, Any] = {
-        "route": None, "path": "/", "method": "GET", "headers": {}, "tenant": None,
-        "route_ratio": None,
-    }
-    base.update(kw)
-    return RequestFacts(**base)
 
 
 def policy(**kw: Any) -> Any:
