@@ -9,22 +9,15 @@ them once at start-up (the process entry point is the composition root).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
-import sys
 from collections.abc import Mapping, Sequence
-from datetime import UTC
-from typing import TYPE_CHECKING, Any, Final, TextIO
+from typing import Final, TextIO
 
 from loguru import logger
-from opentelemetry import trace
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
-
-if TYPE_CHECKING:
-    from loguru import Message, Record
 
 #: The demo user directory shared by the HTTP and the gRPC service.
 SEED_USERS: Final = (
@@ -86,40 +79,13 @@ def build_tracer_provider(default_service: str, environ: Mapping[str, str]) -> T
     return provider
 
 
-def _correlate(record: Record) -> None:
-    """loguru patcher: stamp the current span's ids on every record."""
-    ctx = trace.get_current_span().get_span_context()
-    if ctx.is_valid:
-        record["extra"]["trace_id"] = format(ctx.trace_id, "032x")
-        record["extra"]["span_id"] = format(ctx.span_id, "016x")
-        record["extra"]["trace_flags"] = format(int(ctx.trace_flags), "02x")
-
-
-def format_log_line(record: Record) -> str:
-    """One flat JSON object: time, level, message, then every bound/extra field."""
-    line: dict[str, Any] = {
-        "time": record["time"].astimezone(UTC).isoformat(timespec="microseconds"),
-        "level": record["level"].name,
-        "message": record["message"],
-    }
-    for key, value in record["extra"].items():
-        line.setdefault(key, value)
-    if record["exception"] is not None:
-        line["exception"] = repr(record["exception"].value)
-    return json.dumps(line, default=str, separators=(",", ":"))
-
-
 def configure_logging(service: str, stream: TextIO | None = None) -> None:
-    """Send loguru output as flat JSON lines to ``stream`` (stdout), one per record."""
-    out = stream if stream is not None else sys.stdout
+    """The sidecar's own JSON lines (``ext_proc.logs``), each also naming `service`."""
+    from ext_proc.config import LogSettings
+    from ext_proc.logs import configure_logging as configure_sidecar_logging
 
-    def sink(message: Message) -> None:
-        out.write(format_log_line(message.record) + "\n")
-        out.flush()
-
-    logger.remove()
-    logger.configure(extra={"service": service}, patcher=_correlate)
-    logger.add(sink, level="INFO", format="{message}", diagnose=False, backtrace=False)
+    configure_sidecar_logging(LogSettings(), stream)
+    logger.configure(extra={"service": service})
 
 
 def service_args(

@@ -46,8 +46,8 @@ class Service:
         self._cond = threading.Condition()
         self._reader = threading.Thread(target=self._pump, daemon=True)
         self._reader.start()
-        assert self.wait_line(lambda d: d.get("message") == "listening"), "service did not start"
-        self.port = next(d["port"] for d in self.lines if d.get("message") == "listening")
+        assert self.wait_line(lambda d: d.get("msg") == "listening"), "service did not start"
+        self.port = next(d["port"] for d in self.lines if d.get("msg") == "listening")
 
     def _pump(self) -> None:
         assert self.proc.stdout is not None
@@ -147,9 +147,9 @@ def test_users_continue_the_trace_with_a_db_child_span(
     def ours(d: dict[str, Any]) -> bool:
         return d.get("trace_id") == trace_id
 
-    assert users.wait_line(lambda d: ours(d) and d["message"] == "request")
-    access = next(d for d in users.lines if ours(d) and d["message"] == "request")
-    query = next(d for d in users.lines if ours(d) and d["message"] == "db query")
+    assert users.wait_line(lambda d: ours(d) and d["msg"] == "request")
+    access = next(d for d in users.lines if ours(d) and d["msg"] == "request")
+    query = next(d for d in users.lines if ours(d) and d["msg"] == "db query")
     assert (access["span_id"], access["status"], access["method"]) == (server.span_id, 200, "GET")
     assert access["service"] == "users"
     assert query["span_id"] == db.span_id
