@@ -3,14 +3,17 @@
 Environment knobs (defaults in brackets): BENCH_ROUNDS [3], BENCH_SECONDS [5]
 (saturation per run), BENCH_LIGHT_RATE [100] req/s, BENCH_LIGHT_SECONDS [3],
 BENCH_WORKERS [nproc], BENCH_CONNECTIONS [32], BENCH_THREADS [2],
-BENCH_ENVOY_CONCURRENCY [nproc], BENCH_CONFIGS [alone,native,sidecar,workers],
+BENCH_ENVOY_CONCURRENCY [nproc], BENCH_CONFIGS [alone,native,echo,sidecar,workers],
 BENCH_OUT [results], BENCH_WORKERS_ENVOY [envoy/envoy-workers.yaml] (where the
-"workers" row takes its processor cluster from).
+"workers" row takes its processor cluster from), BENCH_BASELINE [none]: a git
+revision whose sidecar runs as one more row, "baseline" (before/after in one run).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -26,6 +29,7 @@ from bench.procstat import cpu_seconds, machine
 from bench.receiver import SpanCounter
 from bench.variants import (
     BENCH_PATH,
+    ECHO,
     SIDECAR_AB,
     VARIANTS,
     WORKERS_YAML,
@@ -55,16 +59,20 @@ class BenchOptions:
     variants: tuple[str, ...] = VARIANTS
     out: Path = field(default=ROOT / "results")
     workers_envoy: Path = WORKERS_YAML
+    baseline: str | None = None  # a git revision: its sidecar is the "baseline" row
     chart: bool = True
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> BenchOptions:
         d = cls()
         names = tuple(v.strip() for v in env.get("BENCH_CONFIGS", "").split(",") if v.strip())
-        unknown = set(names) - set(VARIANTS) - set(SIDECAR_AB)
+        baseline = env.get("BENCH_BASELINE") or None
+        if baseline is not None and names and "baseline" not in names:
+            names += ("baseline",)
+        unknown = set(names) - set(VARIANTS) - set(SIDECAR_AB) - set(ECHO) - {"baseline"}
         if unknown:
             raise ValueError(f"BENCH_CONFIGS: unknown {sorted(unknown)}; use "
-                             f"{VARIANTS + tuple(SIDECAR_AB)}")
+                             f"{VARIANTS + tuple(SIDECAR_AB) + tuple(ECHO)}")
         return cls(
             rounds=int(env.get("BENCH_ROUNDS", d.rounds)),
             seconds=float(env.get("BENCH_SECONDS", d.seconds)),
@@ -74,7 +82,8 @@ class BenchOptions:
             connections=int(env.get("BENCH_CONNECTIONS", d.connections)),
             threads=int(env.get("BENCH_THREADS", d.threads)),
             envoy_concurrency=int(env.get("BENCH_ENVOY_CONCURRENCY", d.envoy_concurrency)),
-            variants=names or d.variants,
+            variants=names or (d.variants + ("baseline",) * (baseline is not None)),
+            baseline=baseline,
             out=Path(env.get("BENCH_OUT", str(d.out))),
             workers_envoy=Path(env.get("BENCH_WORKERS_ENVOY", str(d.workers_envoy))))
 
@@ -87,6 +96,10 @@ class BenchOptions:
                        if self.workers > 1 else "Envoy + extproc-otel (1 process, workers.yaml)",
             **{name: f"Envoy + extproc-otel (1 process, {name.removeprefix('sidecar-')})"
                for name in SIDECAR_AB},
+            "echo": "Envoy + grpc.aio echo, no tracing (floor)",
+            **{name: f"Envoy + echo ({name.removeprefix('echo-')}), no tracing"
+               for name in ECHO if name != "echo"},
+            "baseline": f"Envoy + extproc-otel @ {self.baseline} (1 process)",
         }[variant]
 
 
@@ -124,7 +137,29 @@ class Bench:
         self.upstream.stop()
         self.receiver.stop()
 
+    def _baseline_tree(self) -> Path:
+        """The baseline revision's files (protos generated as now), extracted once."""
+        rev = self.options.baseline
+        assert rev is not None
+        tree = self.workdir / "baseline"
+        if not tree.exists():
+            tree.mkdir()
+            archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev],
+                                     check=True, capture_output=True).stdout
+            subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+            shutil.copytree(ROOT / "ext_proc" / "_gen", tree / "ext_proc" / "_gen")
+        return tree
+
     def _sidecar(self, variant: str, port: int, rundir: Path) -> Proc | None:
+        if variant == "baseline":
+            env = {**_clean_env(), "OTEL_EXPORTER_OTLP_ENDPOINT": self.receiver.endpoint,
+                   "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}
+            return Proc("sidecar", [sys.executable, "-m", "ext_proc", "serve", "--listen",
+                                    f"127.0.0.1:{port}"], rundir / "sidecar.log", env,
+                        cwd=self._baseline_tree())
+        if variant in ECHO:
+            return Proc("echo", [sys.executable, "-m", "bench.echo", str(port),
+                                 ECHO[variant]], rundir / "echo.log", _clean_env())
         if variant not in ("sidecar", "workers", *SIDECAR_AB):
             return None
         env = {**_clean_env(), "OTEL_EXPORTER_OTLP_ENDPOINT": self.receiver.endpoint,
@@ -167,7 +202,7 @@ class Bench:
             requests = envoy_stat(ports.admin, _REQUESTS_STAT)
             failed_open = envoy_stat(ports.admin, _FAILED_OPEN_STAT)
             spans: int | None = None
-            if sidecar is not None:
+            if sidecar is not None and variant not in ECHO:
                 code = sidecar.stop(timeout=30)  # SIGTERM: drain, flush, exit
                 if code != 0:
                     raise RuntimeError(f"sidecar exited {code}:\n{sidecar.output()[-2000:]}")

@@ -10,7 +10,9 @@ what traces the request:
   100 % sampling, exporting OTLP/gRPC to the bench's receiver;
 - ``sidecar``: the shipped config, one sidecar process;
 - ``workers``: the shipped config with ``envoy/envoy-workers.yaml``'s processor
-  cluster settings, N sidecar processes.
+  cluster settings, N sidecar processes;
+- ``echo``: the shipped config, with ``bench/echo.py`` instead of the sidecar: a
+  grpc.aio ext_proc server that only answers. The floor under any Python sidecar.
 """
 
 from __future__ import annotations
@@ -114,7 +116,7 @@ def proxy_config(variant: str, ports: Ports, access_log: Path, receiver_port: in
                  source: Path = ENVOY_YAML, workers_source: Path = WORKERS_YAML) -> Config:
     """The proxy Envoy's config for `variant` (alone | native | sidecar | workers);
     ``ports.users`` is the fast upstream."""
-    if variant == "sidecar-lean":  # envoy-lean.yaml: no response phase
+    if variant.endswith("-lean"):  # envoy-lean.yaml: no response phase
         source = LEAN_YAML
     config = render_envoy_config(ports, access_log, source)
     routes = hcm_of(config)["route_config"]["virtual_hosts"][0]["routes"]
@@ -122,6 +124,10 @@ def proxy_config(variant: str, ports: Ports, access_log: Path, receiver_port: in
                       "route": {"cluster": "users"}})
     if variant in ("alone", "native"):
         _without_ext_proc(config)
+    if variant == "sidecar-als16k":
+        for log in hcm_of(config)["access_log"]:
+            if _to_sidecar(log):
+                log["typed_config"]["common_config"]["buffer_size_bytes"] = 16384
     if variant == "native":
         _native_tracer(config, receiver_port)
     if variant == "workers":
@@ -130,12 +136,12 @@ def proxy_config(variant: str, ports: Ports, access_log: Path, receiver_port: in
         spread = workers_cluster(workers_source)
         spread["load_assignment"] = clusters[index]["load_assignment"]  # keep our port
         clusters[index] = spread
-    if variant not in VARIANTS and variant not in SIDECAR_AB:
+    if variant not in (*VARIANTS, *SIDECAR_AB, *ECHO, "baseline"):
         raise ValueError(f"unknown variant {variant!r}")
     return config
 
 
-VARIANTS: Final = ("alone", "native", "sidecar", "workers")
+VARIANTS: Final = ("alone", "native", "echo", "sidecar", "workers")
 # Opt-in rows (BENCH_CONFIGS) for A/B measurements of the sidecar itself: Envoy as
 # for "sidecar", the sidecar with these extra environment variables.
 SIDECAR_AB: Final = {
@@ -144,7 +150,13 @@ SIDECAR_AB: Final = {
     "sidecar-nolog": {"EXTPROC_LOG__ACCESS_LOG": "false"},
     "sidecar-nometrics": {"EXTPROC_METRICS__ENABLED": "false"},
     "sidecar-lean": {},
+    "sidecar-noexport": {"OTEL_TRACES_EXPORTER": "none"},
+    "sidecar-als16k": {},
 }
+# Opt-in rows: the floor, bench/echo.py (answers only) in a mode, behind the shipped
+# config or, with "-lean", envoy-lean.yaml.
+ECHO: Final = {"echo": "aio", "echo-lean": "aio", "echo-rw": "aio-rw",
+               "echo-sync": "sync", "echo-sync-lean": "sync"}
 
 WORKERS_STREAMS: Final = 4  # measured with make bench: see the README's Performance section
 _WORKERS_HEADER: Final = """\

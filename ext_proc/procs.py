@@ -48,15 +48,17 @@ class Proc:
     """A child process with its output in a file."""
 
     def __init__(self, name: str, cmd: Sequence[str], log: Path,
-                 env: Mapping[str, str] | None = None) -> None:
+                 env: Mapping[str, str] | None = None, cwd: Path | None = None) -> None:
         self.name, self.cmd, self.log = name, list(cmd), log
         self._env = dict(env) if env is not None else None
+        self._cwd = cwd
         self.popen: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         with self.log.open("ab") as out:
             self.popen = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT,
-                                          env=self._env, stdin=subprocess.DEVNULL)
+                                          env=self._env, stdin=subprocess.DEVNULL,
+                                          cwd=self._cwd)
 
     def alive(self) -> bool:
         return self.popen is not None and self.popen.poll() is None

@@ -6,8 +6,16 @@ from pathlib import Path
 
 import pytest
 
+from bench.hotpath import measure
 from bench.run import BenchOptions, run_bench
-from bench.variants import EXT_PROC_FILTER, VARIANTS, proxy_config, upstream_config
+from bench.variants import (
+    ECHO,
+    EXT_PROC_FILTER,
+    SIDECAR_AB,
+    VARIANTS,
+    proxy_config,
+    upstream_config,
+)
 from ext_proc.devstack import Ports, envoy_binary, hcm_of
 from ext_proc.envoy_config.embed import envoy_validate
 
@@ -17,10 +25,11 @@ pytestmark = pytest.mark.e2e
 def test_bench_harness_counts_every_request_and_span(tmp_path: Path) -> None:
     options = BenchOptions(rounds=1, seconds=1, light_rate=50, light_seconds=1,
                            warmup_seconds=1, workers=2, connections=8, threads=1,
-                           out=tmp_path / "results")
+                           out=tmp_path / "results", baseline="HEAD",
+                           variants=(*VARIANTS, "baseline"))
     result = run_bench(options, workdir=tmp_path / "work", progress=False)
 
-    assert [row.variant for row in result.rows] == list(VARIANTS)
+    assert [row.variant for row in result.rows] == [*VARIANTS, "baseline"]
     for row in result.rows:
         assert row.rps > 0 and row.requests > 0, row
         assert row.light_p50_ms > 0 and row.errors == 0, row
@@ -28,10 +37,12 @@ def test_bench_harness_counts_every_request_and_span(tmp_path: Path) -> None:
         assert f"| {row.label} |" in result.table
     by_variant = {row.variant: row for row in result.rows}
     assert by_variant["alone"].spans is None and by_variant["alone"].sidecar_us is None
-    for traced in ("native", "sidecar", "workers"):
+    assert by_variant["echo"].spans is None  # answers only: the floor
+    assert by_variant["echo"].sidecar_us is not None and by_variant["echo"].sidecar_us > 0
+    for traced in ("native", "sidecar", "workers", "baseline"):
         row = by_variant[traced]
         assert row.spans == row.requests, row  # every request Envoy saw has its span
-    for sidecar in ("sidecar", "workers"):
+    for sidecar in ("sidecar", "workers", "baseline"):
         row = by_variant[sidecar]
         assert row.failed_open == 0 and row.sidecar_us is not None and row.sidecar_us > 0
     run = result.runs[0]
@@ -54,11 +65,35 @@ def test_every_bench_config_is_valid_and_differs_only_in_tracing(
     assert result.ok, result.output[-3000:]
     hcm = hcm_of(config)
     filters = [f["name"] for f in hcm["http_filters"]]
-    assert (EXT_PROC_FILTER in filters) == (variant in ("sidecar", "workers"))
+    assert (EXT_PROC_FILTER in filters) == (variant in ("sidecar", "workers", "echo"))
     talks_to_sidecar = "'cluster_name': 'extproc_otel'" in str(hcm)
-    assert talks_to_sidecar == (variant in ("sidecar", "workers"))
+    assert talks_to_sidecar == (variant in ("sidecar", "workers", "echo"))
     assert ("tracing" in hcm) == (variant == "native")
     assert hcm["route_config"]["virtual_hosts"][0]["routes"][0]["match"] == {"prefix": "/bench"}
+
+
+@pytest.mark.parametrize("variant", [*SIDECAR_AB, *ECHO])
+def test_every_opt_in_config_is_valid(variant: str, tmp_path: Path) -> None:
+    config = proxy_config(variant, Ports(), tmp_path / "access.log", receiver_port=4317)
+    result = envoy_validate(config, envoy_binary())
+    assert result.ok, result.output[-3000:]
+    assert EXT_PROC_FILTER in [f["name"] for f in hcm_of(config)["http_filters"]]
+
+
+def test_opt_in_rows_and_the_baseline_are_chosen_from_the_environment() -> None:
+    options = BenchOptions.from_env({"BENCH_CONFIGS": "sidecar,echo-sync",
+                                     "BENCH_BASELINE": "HEAD~1"})
+    assert options.variants == ("sidecar", "echo-sync", "baseline")
+    assert options.label("baseline") == "Envoy + extproc-otel @ HEAD~1 (1 process)"
+    assert BenchOptions.from_env({"BENCH_BASELINE": "v1"}).variants == (*VARIANTS, "baseline")
+    with pytest.raises(ValueError, match="unknown"):
+        BenchOptions.from_env({"BENCH_CONFIGS": "sidecar,nope"})
+
+
+def test_hotpath_drives_every_exchange_to_an_exported_span() -> None:
+    us, main_us, spans = measure(300)
+    assert spans == 300
+    assert 0 < main_us <= us
 
 
 def test_the_fast_upstream_config_is_valid() -> None:

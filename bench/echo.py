@@ -1,0 +1,119 @@
+"""The floor under the sidecar: an ext_proc server that only answers (no tracing).
+
+``python -m bench.echo PORT [MODE]`` serves ``ExternalProcessor/Process`` (each
+message gets its phase's no-op answer) and drains Envoy's gRPC access log, so it
+runs behind the same Envoy config as the sidecar. ``make bench`` runs it as the
+opt-in rows ``echo-*`` (BENCH_CONFIGS): what the gRPC server alone costs per
+request, i.e. the most a change to our own code can win. Modes:
+
+- ``aio`` (default): grpc.aio, the response stream an async generator (the sidecar's
+  shape);
+- ``aio-rw``: grpc.aio, ``context.read()``/``context.write()`` instead of iterators;
+- ``sync``: grpcio's thread-pool server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+import threading
+from collections.abc import AsyncIterator, Iterator
+from concurrent import futures
+from typing import Any, Final
+
+import grpc
+
+from ext_proc._gen.envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
+from ext_proc._gen.envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from ext_proc._gen.envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from ext_proc.responses import empty_response
+
+MODES: Final = ("aio", "aio-rw", "sync")
+
+
+def _answer(request: pb.ProcessingRequest) -> pb.ProcessingResponse:
+    return empty_response(request.WhichOneof("request"))
+
+
+class AioEcho(pb_grpc.ExternalProcessorServicer):
+    async def Process(self, request_iterator: AsyncIterator[pb.ProcessingRequest],
+                      context: Any) -> AsyncIterator[pb.ProcessingResponse]:
+        async for request in request_iterator:
+            yield _answer(request)
+
+
+class AioReadWriteEcho(pb_grpc.ExternalProcessorServicer):
+    async def Process(self, request_iterator: Any, context: Any) -> None:
+        while True:
+            request = await context.read()
+            if request is grpc.aio.EOF:
+                return
+            await context.write(_answer(request))
+
+
+class SyncEcho(pb_grpc.ExternalProcessorServicer):
+    def Process(self, request_iterator: Iterator[pb.ProcessingRequest],
+                context: Any) -> Iterator[pb.ProcessingResponse]:
+        for request in request_iterator:
+            yield _answer(request)
+
+
+class AioDrain(als_pb2_grpc.AccessLogServiceServicer):
+    async def StreamAccessLogs(self, request_iterator: Any, context: Any) -> Any:
+        async for _ in request_iterator:
+            pass
+        return als_pb2.StreamAccessLogsResponse()
+
+
+class SyncDrain(als_pb2_grpc.AccessLogServiceServicer):
+    def StreamAccessLogs(self, request_iterator: Any, context: Any) -> Any:
+        for _ in request_iterator:
+            pass
+        return als_pb2.StreamAccessLogsResponse()
+
+
+async def _serve_aio(port: int, mode: str) -> None:
+    server = grpc.aio.server()
+    pb_grpc.add_ExternalProcessorServicer_to_server(
+        AioReadWriteEcho() if mode == "aio-rw" else AioEcho(), server)
+    als_pb2_grpc.add_AccessLogServiceServicer_to_server(AioDrain(), server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    print('{"msg": "started"}', flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop(0)
+
+
+def _serve_sync(port: int) -> None:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=64),
+                         maximum_concurrent_rpcs=None)
+    pb_grpc.add_ExternalProcessorServicer_to_server(SyncEcho(), server)
+    als_pb2_grpc.add_AccessLogServiceServicer_to_server(SyncDrain(), server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    print('{"msg": "started"}', flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    server.stop(0)
+
+
+def main(argv: list[str]) -> None:
+    port, mode = int(argv[0]), (argv[1] if len(argv) > 1 else "aio")
+    if mode not in MODES:
+        raise SystemExit(f"mode {mode!r}: use one of {MODES}")
+    if mode == "sync":
+        _serve_sync(port)
+    else:
+        import uvloop
+        uvloop.run(_serve_aio(port, mode))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
