@@ -2,29 +2,48 @@
 
 from __future__ import annotations
 
+import json
+from datetime import UTC, datetime
+from typing import Any
+
 from loguru import logger
 
+from ext_proc import logs
 from ext_proc.logs import ACCESS_MESSAGE
 from ext_proc.seams import ExchangeRecord
 
 
 class AccessLog:
-    """A `StreamObserver` writing ``access`` lines with the span's ids."""
+    """A `StreamObserver` writing ``access`` lines with the span's ids.
+
+    The line is the same either way: built here and handed to the JSON sink when
+    that is the only sink (`logs.direct_sink`), else logged through loguru."""
 
     def stream_started(self, method: str | None, route: str | None) -> None:
         return
 
-    def stream_finished(self, record: ExchangeRecord) -> None:
+    @staticmethod
+    def fields(record: ExchangeRecord) -> dict[str, Any]:
         ctx = record.span_context
-        extra = {"tenant": record.tenant} if record.tenant is not None else {}
-        logger.bind(
-            trace_id=format(ctx.trace_id, "032x"),
-            span_id=format(ctx.span_id, "016x"),
-            trace_flags=format(int(ctx.trace_flags), "02x"),
-            method=record.method,
-            path=record.path,
-            status=record.status,
-            duration_ms=round(record.duration_s * 1000, 3),
-            request_id=record.request_id,
-            **extra,
-        ).info(ACCESS_MESSAGE)
+        fields: dict[str, Any] = {
+            "trace_id": format(ctx.trace_id, "032x"),
+            "span_id": format(ctx.span_id, "016x"),
+            "trace_flags": format(int(ctx.trace_flags), "02x"),
+            "method": record.method,
+            "path": record.path,
+            "status": record.status,
+            "duration_ms": round(record.duration_s * 1000, 3),
+            "request_id": record.request_id,
+        }
+        if record.tenant is not None:
+            fields["tenant"] = record.tenant
+        return fields
+
+    def stream_finished(self, record: ExchangeRecord) -> None:
+        sink = logs.direct_sink()
+        if sink is None:
+            logger.bind(**self.fields(record)).info(ACCESS_MESSAGE)
+            return
+        line = {"ts": datetime.now(UTC).isoformat(timespec="microseconds"),
+                "level": "INFO", "msg": ACCESS_MESSAGE, **self.fields(record)}
+        sink.write_access(json.dumps(line, default=str, separators=(",", ":")))

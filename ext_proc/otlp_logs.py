@@ -28,6 +28,7 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, set_s
 
 import ext_proc
 from ext_proc.config.telemetry import OtlpLogsSettings
+from ext_proc.logs import sink_added
 from ext_proc.telemetry import TelemetryConfigError, chosen_exporter
 
 if TYPE_CHECKING:
@@ -128,6 +129,7 @@ class OtlpLogs:
 
     def install(self) -> None:
         if self._handler is None:
+            sink_added()  # access lines must reach this sink too
             self._handler = logger.add(OtlpLogSink(self.provider), level=self._settings.level,
                                        format="{message}", backtrace=False, diagnose=False,
                                        catch=True)
