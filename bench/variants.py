@@ -124,10 +124,10 @@ def proxy_config(variant: str, ports: Ports, access_log: Path, receiver_port: in
                       "route": {"cluster": "users"}})
     if variant in ("alone", "native"):
         _without_ext_proc(config)
-    if variant == "sidecar-als16k":
+    if variant == "sidecar-als0":  # one access log message per entry (before batching)
         for log in hcm_of(config)["access_log"]:
             if _to_sidecar(log):
-                log["typed_config"]["common_config"]["buffer_size_bytes"] = 16384
+                log["typed_config"]["common_config"]["buffer_size_bytes"] = 0
     if variant == "native":
         _native_tracer(config, receiver_port)
     if variant == "workers":
@@ -151,7 +151,7 @@ SIDECAR_AB: Final = {
     "sidecar-nometrics": {"EXTPROC_METRICS__ENABLED": "false"},
     "sidecar-lean": {},
     "sidecar-noexport": {"OTEL_TRACES_EXPORTER": "none"},
-    "sidecar-als16k": {},
+    "sidecar-als0": {},
 }
 # Opt-in rows: the floor, bench/echo.py (answers only) in a mode, behind the shipped
 # config or, with "-lean", envoy-lean.yaml.

@@ -198,7 +198,7 @@ def access_log_join(opts: EnvoyConfigOptions) -> Any:
                 cluster_name=opts.cluster_name)),
             transport_api_version=ApiVersion.V3,
             buffer_flush_interval=timedelta(milliseconds=50),
-            buffer_size_bytes=0,
+            buffer_size_bytes=16384,  # batches: one message per entry cost ~80 us/request
         ),
         additional_response_headers_to_log=["grpc-status"],
         additional_response_trailers_to_log=["grpc-status"],
