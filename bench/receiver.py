@@ -29,6 +29,8 @@ class SpanCounter:
         self._spans = 0
         self._exports = 0
         self._server: grpc.Server | None = None
+        self._open = threading.Event()  # cleared: trace exports wait (a stalled collector)
+        self._open.set()
         self.port = 0
 
     def start(self) -> int:
@@ -62,6 +64,17 @@ class SpanCounter:
             self._exports += 1
             self._cond.notify_all()
 
+    def stall(self) -> None:
+        """From now on, trace exports hang (up to 60 s) until `resume`: a stalled collector."""
+        self._open.clear()
+
+    def resume(self) -> None:
+        self._open.set()
+
+    def admit(self) -> None:
+        """Called by each trace export before it is counted: waits out a stall."""
+        self._open.wait(60)
+
     def wait_for(self, spans: int, timeout: float, settle: float = 3.0) -> int:
         """Wait until at least `spans` spans arrived, nothing new arrived for `settle`
         seconds, or `timeout` passed; the count then."""
@@ -83,6 +96,7 @@ class _Traces(trace_service_pb2_grpc.TraceServiceServicer):
         self._counter = counter
 
     def Export(self, request: Any, context: Any) -> Any:
+        self._counter.admit()
         self._counter.add(sum(len(ss.spans) for rs in request.resource_spans
                               for ss in rs.scope_spans))
         return trace_service_pb2.ExportTraceServiceResponse()

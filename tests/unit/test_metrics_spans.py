@@ -147,7 +147,7 @@ def test_unsampled_spans_never_enter_the_queue() -> None:
     assert stats.in_flight == 0 and stats.handed == 0 and exporter.get_finished_spans() == ()
 
 
-@pytest.mark.parametrize(("value", "expected"), [("100", 100), ("junk", 2048), ("-1", 2048)])
+@pytest.mark.parametrize(("value", "expected"), [("100", 100), ("junk", 8192), ("-1", 8192)])
 def test_queue_capacity_from_env(value: str, expected: int) -> None:
     stats = SpanPipelineStats()
     BoundedSpanProcessor(InMemorySpanExporter(), stats, {"OTEL_BSP_MAX_QUEUE_SIZE": value}) \
