@@ -71,8 +71,10 @@ def chosen_exporter(env: Mapping[str, str], signal: str, console: Callable[[], T
 
 
 def _grpc_span_exporter() -> SpanExporter:
-    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-    return OTLPSpanExporter()
+    # The SDK's exporter with an encoder that builds the same request ~2.5x faster
+    # (ext_proc.otlp_encode); http/protobuf keeps the SDK's encoder (no hook for it).
+    from ext_proc.otlp_encode import FastOTLPSpanExporter
+    return FastOTLPSpanExporter()
 
 
 def _http_span_exporter() -> SpanExporter:

@@ -6,6 +6,9 @@ import pytest
 from google.protobuf import struct_pb2
 from hypothesis import given
 from hypothesis import strategies as st
+from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
+    OTLPSpanExporter as GrpcSpanExporter,
+)
 
 from ext_proc._gen.envoy.config.core.v3 import base_pb2
 from ext_proc.envoy_attrs import EnvoyAttributes, parse_time_ns, response_flag_names
@@ -106,7 +109,7 @@ def test_route_options_from_grpc_initial_metadata() -> None:
 def test_span_exporter_follows_the_otel_variables() -> None:
     assert build_span_exporter({"OTEL_TRACES_EXPORTER": "none"}) is None
     grpc_exp = build_span_exporter({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:1"})
-    assert type(grpc_exp).__module__.endswith("proto.grpc.trace_exporter")
+    assert isinstance(grpc_exp, GrpcSpanExporter)  # FastOTLPSpanExporter, a subclass
     http_exp = build_span_exporter({"OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"})
     assert type(http_exp).__module__.endswith("proto.http.trace_exporter")
     traces_only = build_span_exporter({"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",

@@ -1,0 +1,95 @@
+"""`SpanEncoder` builds the very message the SDK's OTLP encoder builds."""
+
+from __future__ import annotations
+
+import pytest
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import (
+    Link,
+    NonRecordingSpan,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TraceFlags,
+    TraceState,
+    set_span_in_context,
+)
+
+from ext_proc.otlp_encode import FastOTLPSpanExporter, SpanEncoder
+
+REMOTE = SpanContext(0x4BF92F3577B34DA6A3CE929D0E0E4736, 0x00F067AA0BA902B7, is_remote=True,
+                     trace_flags=TraceFlags(1),
+                     trace_state=TraceState([("vendor", "v1"), ("rojo", "00f067aa")]))
+
+
+def finished(resource: Resource | None = None) -> list[ReadableSpan]:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(resource=resource or Resource.create({"service.name": "gw"}))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("extproc-otel", "1.2.3", schema_url="https://x/1.26.0",
+                                 attributes={"scope.attr": "s"})
+    other = provider.get_tracer("other")
+    parent = set_span_in_context(NonRecordingSpan(REMOTE))
+    for i in range(3):  # repeated pairs: the cache serves the 2nd and 3rd
+        span = tracer.start_span(f"GET /users/{i}", context=parent, kind=SpanKind.SERVER,
+                                 attributes={"http.request.method": "GET", "n": i,
+                                             "ok": i % 2 == 0, "ratio": 0.5 * i,
+                                             "url.path": "/" + "p" * 100,
+                                             "tags": ["a", "b"], "codes": [1, 2],
+                                             "raw": b"\x00\x01"},
+                                 links=[Link(REMOTE, {"link.attr": i})])
+        span.add_event("retry", {"attempt": i})
+        span.set_status(Status(StatusCode.ERROR, "upstream reset") if i == 1 else
+                        Status(StatusCode.OK) if i == 2 else Status(StatusCode.UNSET))
+        span.end()
+    with tracer.start_as_current_span("local-parent", kind=SpanKind.INTERNAL):
+        tracer.start_span("child", kind=SpanKind.CLIENT).end()
+    other.start_span("bare", kind=SpanKind.PRODUCER).end()
+    provider.get_tracer("").start_span("no scope", kind=SpanKind.CONSUMER).end()
+    return list(exporter.get_finished_spans())
+
+
+def test_equal_to_the_sdk_encoder_for_every_span_shape() -> None:
+    spans = finished()
+    assert SpanEncoder().encode(spans) == encode_spans(spans)
+
+
+def test_equal_across_batches_while_the_cache_fills_and_resets() -> None:
+    encoder = SpanEncoder()
+    encoder.MAX_CACHE = 5  # type: ignore[misc]  # reset often
+    for _ in range(4):
+        spans = finished()
+        assert encoder.encode(spans) == encode_spans(spans)
+
+
+def test_spans_of_several_resources_are_grouped_like_the_sdk() -> None:
+    spans = finished(Resource.create({"service.name": "a"})) + \
+        finished(Resource({"service.name": "b"}, schema_url="https://x/r"))
+    request = SpanEncoder().encode(spans)
+    assert request == encode_spans(spans)
+    assert len(request.resource_spans) == 2
+
+
+def test_an_attribute_it_cannot_encode_is_skipped_like_the_sdk() -> None:
+    span = finished()[0]
+    odd = ReadableSpan(name="odd", context=span.context, resource=span.resource,
+                       attributes={"fine": 1, "odd": object()},  # type: ignore[dict-item]
+                       instrumentation_scope=InstrumentationScope("x"))
+    encoded = SpanEncoder().encode([odd]).resource_spans[0].scope_spans[0].spans[0]
+    assert [kv.key for kv in encoded.attributes] == ["fine"]
+
+
+def test_the_exporter_uses_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9")
+    exporter = FastOTLPSpanExporter()
+    try:
+        spans = finished()
+        assert exporter._translate_data(spans) == encode_spans(spans)
+    finally:
+        exporter.shutdown()
