@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from bench.load import run_wrk
-from bench.run import BenchOptions, Bench, _clean_env
+from bench.run import Bench, BenchOptions, _clean_env
 from bench.variants import BENCH_PATH, dump, proxy_config
 from ext_proc.devstack import Ports, Proc, wait_until
 from ext_proc.metrics.spans import DEFAULT_QUEUE_SIZE
