@@ -15,9 +15,11 @@ request, i.e. the most a change to our own code can win. Modes:
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from concurrent import futures
 from typing import Any, Final
@@ -32,7 +34,14 @@ from ext_proc.responses import empty_response
 MODES: Final = ("aio", "aio-rw", "sync")
 
 
+_BUSY_NS: Final = int(float(os.environ.get("ECHO_BUSY_US", "0")) * 1000)
+
+
 def _answer(request: pb.ProcessingRequest) -> pb.ProcessingResponse:
+    if _BUSY_NS:  # stand-in for per-message work (ECHO_BUSY_US), to see what it costs
+        until = time.thread_time_ns() + _BUSY_NS
+        while time.thread_time_ns() < until:
+            pass
     return empty_response(request.WhichOneof("request"))
 
 

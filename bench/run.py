@@ -30,6 +30,7 @@ from bench.receiver import SpanCounter
 from bench.variants import (
     BENCH_PATH,
     ECHO,
+    ECHO_ENV,
     SIDECAR_AB,
     VARIANTS,
     WORKERS_YAML,
@@ -159,7 +160,8 @@ class Bench:
                         cwd=self._baseline_tree())
         if variant in ECHO:
             return Proc("echo", [sys.executable, "-m", "bench.echo", str(port),
-                                 ECHO[variant]], rundir / "echo.log", _clean_env())
+                                 ECHO[variant]], rundir / "echo.log",
+                        {**_clean_env(), **ECHO_ENV.get(variant, {})})
         if variant not in ("sidecar", "workers", *SIDECAR_AB):
             return None
         env = {**_clean_env(), "OTEL_EXPORTER_OTLP_ENDPOINT": self.receiver.endpoint,
