@@ -2,8 +2,9 @@
 
 Drives N exchanges through the sidecar as ``serve`` builds it (default settings,
 OTLP/gRPC export to a span counter in a child process), calling what the servicer
-calls (``handle``, ``record``, ``close``) with the messages Envoy sends for a plain
-HTTP request, and Envoy's access log entry for each. Reports the process's CPU
+calls (``handle``, ``record``, ``close``) with the messages the shipped (lean)
+envoy.yaml sends for a plain HTTP request, and Envoy's access log entry for each
+(``--full``: with the response headers message too, as envoy-full.yaml sends). Reports the process's CPU
 microseconds per exchange (the export thread included), and with ``--profile`` the
 top functions. ``make bench`` measures the whole; this isolates our part of it.
 """
@@ -79,18 +80,19 @@ def _log(request_ids: list[str]) -> als_pb2.StreamAccessLogsMessage:
     return message
 
 
-def drive(n: int, profile: bool) -> tuple[float, float]:
+def drive(n: int, profile: bool, full: bool) -> tuple[float, float]:
     settings = load_settings(server={"listen": "127.0.0.1:0"})
     with open(os.devnull, "w") as devnull:
         configure_logging(settings.log, devnull)  # JSON lines, as serve writes them
         try:
-            return asyncio.run(_drive(settings, n, profile))
+            return asyncio.run(_drive(settings, n, profile, full))
         finally:
             logger.remove()
             sink_added()  # no direct sink left behind
 
 
-async def _drive(settings: Settings, n: int, profile: bool) -> tuple[float, float]:
+async def _drive(settings: Settings, n: int, profile: bool,
+                 full: bool) -> tuple[float, float]:
     sidecar = build_sidecar(settings)
     processor, join = sidecar.processor, sidecar.join
     assert join is not None
@@ -109,8 +111,9 @@ async def _drive(settings: Settings, n: int, profile: bool) -> tuple[float, floa
             session = StreamSession(deps, options)
             session.handle(request)
             session.record()
-            session.handle(response)
-            session.record()
+            if full:
+                session.handle(response)
+                session.record()
             session.close()
         join.service.handle(logs[start // 50])
         await asyncio.sleep(0)
@@ -125,7 +128,7 @@ async def _drive(settings: Settings, n: int, profile: bool) -> tuple[float, floa
     return (time.process_time() - cpu) / n * 1e6, main_cpu / n * 1e6
 
 
-def measure(n: int, profile: bool = False) -> tuple[float, float, int]:
+def measure(n: int, profile: bool = False, full: bool = False) -> tuple[float, float, int]:
     """(CPU µs per exchange, of which on the loop's thread, spans the receiver got)."""
     receiver = subprocess.Popen([sys.executable, "-c", _RECEIVER], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, text=True)
@@ -135,7 +138,7 @@ def measure(n: int, profile: bool = False) -> tuple[float, float, int]:
     os.environ.update({"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
                        "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc", "OTEL_METRICS_EXPORTER": "none"})
     try:
-        us, main_us = drive(n, profile)
+        us, main_us = drive(n, profile, full)
     finally:
         os.environ.clear()
         os.environ.update(saved)
@@ -148,7 +151,7 @@ def measure(n: int, profile: bool = False) -> tuple[float, float, int]:
 
 def main(argv: list[str]) -> None:
     n = int(next((a for a in argv if a.isdigit()), "20000"))
-    us, main_us, spans = measure(n, "--profile" in argv)
+    us, main_us, spans = measure(n, "--profile" in argv, "--full" in argv)
     print(f"{us:.1f} µs CPU per exchange ({main_us:.1f} on the event loop's thread, the "
           f"rest in export threads) over {n} exchanges; spans received {spans}")
 

@@ -24,6 +24,7 @@ import yaml
 
 from ext_proc.devstack import (
     ENVOY_YAML,
+    FULL_YAML,
     ROOT,
     Config,
     Ports,
@@ -35,7 +36,6 @@ from ext_proc.devstack import (
 EXT_PROC_FILTER: Final = "envoy.filters.http.ext_proc"
 SIDECAR_CLUSTER: Final = "extproc_otel"
 WORKERS_YAML: Final = ROOT / "envoy" / "envoy-workers.yaml"
-LEAN_YAML: Final = ROOT / "envoy" / "envoy-lean.yaml"
 BENCH_PATH: Final = "/bench"
 NATIVE_SERVICE: Final = "envoy-native-tracer"
 # The native tracer buffers spans and sends them every flush interval (default 5 s)
@@ -116,8 +116,8 @@ def proxy_config(variant: str, ports: Ports, access_log: Path, receiver_port: in
                  source: Path = ENVOY_YAML, workers_source: Path = WORKERS_YAML) -> Config:
     """The proxy Envoy's config for `variant` (alone | native | sidecar | workers);
     ``ports.users`` is the fast upstream."""
-    if variant.endswith("-lean"):  # envoy-lean.yaml: no response phase
-        source = LEAN_YAML
+    if variant.endswith("-full"):  # envoy-full.yaml: every response phase too
+        source = FULL_YAML
     config = render_envoy_config(ports, access_log, source)
     routes = hcm_of(config)["route_config"]["virtual_hosts"][0]["routes"]
     routes.insert(0, {"name": "bench", "match": {"prefix": BENCH_PATH},
@@ -149,14 +149,17 @@ SIDECAR_AB: Final = {
     "sidecar-nojoin": {"EXTPROC_STREAM__JOIN_ACCESS_LOG": "false"},
     "sidecar-nolog": {"EXTPROC_LOG__ACCESS_LOG": "false"},
     "sidecar-nometrics": {"EXTPROC_METRICS__ENABLED": "false"},
-    "sidecar-lean": {},
+    "sidecar-full": {},
     "sidecar-noexport": {"OTEL_TRACES_EXPORTER": "none"},
     "sidecar-als0": {},
 }
 # Opt-in rows: the floor, bench/echo.py (answers only) in a mode, behind the shipped
-# config or, with "-lean", envoy-lean.yaml.
-ECHO: Final = {"echo": "aio", "echo-lean": "aio", "echo-rw": "aio-rw",
-               "echo-sync": "sync", "echo-sync-lean": "sync"}
+# config or, with "-full", envoy-full.yaml.
+ECHO: Final = {"echo": "aio", "echo-full": "aio", "echo-rw": "aio-rw",
+               "echo-sync": "sync", "echo-sync-full": "sync", "echo-busy75": "aio"}
+# echo-busy75: 75 us of CPU per answered message (150 per request), about what our
+# own code costs per request (bench.hotpath): how much gRPC's share grows with it.
+ECHO_ENV: Final = {"echo-busy75": {"ECHO_BUSY_US": "75"}}
 
 WORKERS_STREAMS: Final = 4  # measured with make bench: see the README's Performance section
 _WORKERS_HEADER: Final = """\
@@ -187,29 +190,31 @@ def render_workers_yaml(reference: str) -> str | None:
     return _WORKERS_HEADER + body
 
 
-_LEAN_HEADER: Final = """\
+_FULL_HEADER: Final = """\
 # GENERATED from envoy.yaml by `python -m bench.variants`: edit envoy.yaml, then rerun.
 #
-# The lean variant: Envoy skips the ext_proc response phase, so each request costs
-# one ext_proc message instead of two or three, and the sidecar learns how the
-# request ended only from Envoy's gRPC access log (same cluster): status, flags,
-# grpc-status, body size and the exact end (start + %DURATION%). Measured with
-# `make bench` (BENCH_CONFIGS=sidecar,lean). Not possible in this mode: response
-# header mutations (propagation.response: traceresponse/server-timing), and a span
-# is exported only when its request ends (stream.response_wait_s bounds the wait).
+# The full variant: Envoy also sends every response's headers (and gRPC trailers)
+# to the sidecar, two or three ext_proc messages per request instead of one. Use it
+# when a filter ahead of ext_proc can deny requests (ext_proc never sees those in
+# the lean envoy.yaml, so they get no span). Compare: BENCH_CONFIGS=sidecar,sidecar-full.
 #
 """
-_RESPONSE_MODES: Final = ("response_header_mode: SEND", "response_trailer_mode: SEND")
+_LEAN_MODES: Final = ("response_header_mode: SKIP", "response_trailer_mode: SKIP")
+_LEAN_NOTE: Final = "# Lean: one ext_proc message per request."
+_FULL_NOTE: Final = "# Full: every response's headers (and gRPC trailers) come to the sidecar too."
 
 
-def render_lean_yaml(reference: str) -> str | None:
-    """envoy.yaml's text with the response phase skipped; None if its modes are not found."""
-    if any(reference.count(mode) != 1 for mode in _RESPONSE_MODES):
+def render_full_yaml(reference: str) -> str | None:
+    """envoy.yaml's text with the response phase sent; None if its modes are not found."""
+    if any(reference.count(mode) != 1 for mode in (*_LEAN_MODES, _LEAN_NOTE)):
         return None
     body = reference[reference.find("\nadmin:") + 1:]
-    for mode in _RESPONSE_MODES:
-        body = body.replace(mode, mode.replace("SEND", "SKIP"))
-    return _LEAN_HEADER + body
+    for mode in _LEAN_MODES:
+        body = body.replace(mode, mode.replace("SKIP", "SEND"))
+    note_at = body.find(_LEAN_NOTE)
+    indent = body[body.rfind("\n", 0, note_at) + 1:note_at]
+    note_end = body.find("\n" + indent + "processing_mode:", note_at)
+    return _FULL_HEADER + body[:note_at] + _FULL_NOTE + body[note_end:]
 
 
 def dump(config: dict[str, Any], path: Path) -> Path:
@@ -219,7 +224,7 @@ def dump(config: dict[str, Any], path: Path) -> Path:
 
 if __name__ == "__main__":
     reference = ENVOY_YAML.read_text()
-    for path, render in ((WORKERS_YAML, render_workers_yaml), (LEAN_YAML, render_lean_yaml)):
+    for path, render in ((WORKERS_YAML, render_workers_yaml), (FULL_YAML, render_full_yaml)):
         rendered = render(reference)
         if rendered is None:
             raise SystemExit(f"{ENVOY_YAML}: cannot derive {path.name}")

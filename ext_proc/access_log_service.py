@@ -74,6 +74,8 @@ class FinalFacts:
     duration_ns: int | None = None  # start to last byte sent downstream (%DURATION%)
     grpc_status: str | None = None  # logged via additional_response_{headers,trailers}_to_log
     upstream_attempts: int | None = None
+    upstream_address: str | None = None  # host:port Envoy sent the request to
+    upstream_failure: str | None = None  # upstream transport failure reason
 
 
 def response_flag_codes(flags: log_pb.ResponseFlags) -> tuple[str, ...]:
@@ -119,7 +121,19 @@ def final_facts(entry: log_pb.HTTPAccessLogEntry) -> FinalFacts | None:
         duration_ns=elapsed.ToNanoseconds() if elapsed is not None else None,
         grpc_status=grpc_status,
         upstream_attempts=common.upstream_request_attempt_count or None,
+        upstream_address=_socket_address(common),
+        upstream_failure=common.upstream_transport_failure_reason or None,
     )
+
+
+def _socket_address(common: log_pb.AccessLogCommon) -> str | None:
+    if not common.HasField("upstream_remote_address"):
+        return None
+    remote = common.upstream_remote_address
+    if not remote.HasField("socket_address"):
+        return None
+    socket = remote.socket_address
+    return f"{socket.address}:{socket.port_value}" if socket.address else None
 
 
 class AccessLogService(pb_grpc.AccessLogServiceServicer):

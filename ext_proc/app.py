@@ -96,15 +96,18 @@ class Sidecar:
         if self.rules_watcher is not None:
             await self.rules_watcher.stop()
         await self.health.enter_graceful_shutdown()
-        # New RPCs are refused from here; in-flight ext_proc streams get up to `grace`.
-        # Envoy's access-log streams never end by themselves, so once the exchanges
-        # are done the rest is cancelled at once rather than at the end of `grace`.
-        stopping = asyncio.ensure_future(self.server.stop(grace))
+        # New ext_proc streams are refused from here (Envoy lets those requests through
+        # untraced); in-flight ones, and requests whose access-log entry is still to
+        # come (with the lean envoy.yaml every request outlives its stream), get up to
+        # `grace`. The server keeps taking Envoy's access-log streams meanwhile: an Envoy
+        # worker opens its stream with its first entry, which may come only now.
+        self.processor.accepting = False
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(grace):
                 await self.processor.drained()
+                if self.join is not None:
+                    await self.join.settled()
         await self.server.stop(0)
-        await stopping
         if self.join is not None:
             self.join.flush()  # end every span still waiting for Envoy's access log
         self.telemetry.shutdown()

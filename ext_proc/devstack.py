@@ -32,6 +32,7 @@ from ext_proc.procs import (  # noqa: F401 - re-exported: the stack's building b
 
 ROOT: Final = Path(__file__).resolve().parents[1]
 ENVOY_YAML: Final = ROOT / "envoy" / "envoy.yaml"
+FULL_YAML: Final = ROOT / "envoy" / "envoy-full.yaml"  # every response phase too
 ENVOY_MTLS_YAML: Final = ROOT / "envoy" / "envoy-mtls.yaml"
 TLS_DIR: Final = "/etc/extproc-otel/tls"  # where the shipped mTLS config reads its PEM files
 

@@ -109,8 +109,10 @@ class SpanFinalizer:
 
     def __init__(self, loop_time: Callable[[], float], timeout_s: float, *,
                  max_parked: int = MAX_PARKED, max_kept: int = MAX_KEPT,
-                 keep_s: float | None = None, call_later: CallLater | None = None) -> None:
+                 keep_s: float | None = None, call_later: CallLater | None = None,
+                 on_finished: Callable[[], None] | None = None) -> None:
         self._now = loop_time
+        self._on_finished = on_finished  # after parked exchanges were finished
         self._timeout_s = timeout_s
         self._keep_s = timeout_s if keep_s is None else keep_s
         self._max_parked = max(1, max_parked)
@@ -164,6 +166,8 @@ class SpanFinalizer:
             if not self._parked:
                 self._disarm()
             self._run(parked.finish, facts)
+            if self._on_finished is not None:
+                self._on_finished()
             return
         if self._max_kept == 0:
             self.unmatched += 1
@@ -221,6 +225,8 @@ class SpanFinalizer:
             self.timed_out += 1
             self._run(oldest.finish, None)
         self._arm()
+        if self._on_finished is not None:
+            self._on_finished()
 
     @staticmethod
     def _run(finish: Finish, facts: FinalFacts | None) -> None:
@@ -236,32 +242,38 @@ class AccessLogJoin:
 
     An exchange whose response was seen waits up to `timeout_s` for its entry; one
     whose stream closed before any response (a client abort, or an Envoy that skips
-    the response phase: envoy/envoy-lean.yaml) waits up to `response_wait_s`, since
+    the response phase: the lean envoy/envoy.yaml) waits up to `response_wait_s`, since
     the entry comes only when the request ends. Envoy opens its ALS stream with the
-    first entry it logs, so before that every exchange waits `timeout_s`; if no stream
-    has come `probe_s` after the first exchange, Envoy is taken not to send one and
-    exchanges finish at once (until a stream does come).
+    first entry it logs, so before that exchanges wait just the same; if no stream has
+    come `probe_s` after the first exchange, Envoy is taken not to send one: waiting
+    exchanges finish, and later ones finish at once (until a stream does come).
     """
 
     def __init__(self, timeout_s: float, response_wait_s: float,
                  loop_time: Callable[[], float] = time.monotonic,
                  probe_s: float = 10.0) -> None:
-        self.finalizer = SpanFinalizer(loop_time, timeout_s)
-        self.awaiting = SpanFinalizer(loop_time, response_wait_s, max_kept=0)
+        self.finalizer = SpanFinalizer(loop_time, timeout_s, on_finished=self._finished)
+        self.awaiting = SpanFinalizer(loop_time, response_wait_s, max_kept=0,
+                                      on_finished=self._finished)
         self.service = AccessLogService(self.deliver)
         self._now = loop_time
         self._probe_s = probe_s
         self._probe_until: float | None = None
+        self._settled: asyncio.Event | None = None  # for `settled`
 
     def defer(self, request_id: str, finish: Finish, *, responded: bool = True) -> None:
         if not self.service.connected:
             now = self._now()
             if self._probe_until is None:
                 self._probe_until = now + self._probe_s
-            if now <= self._probe_until:
+                self._arm_probe()
+            if now > self._probe_until:
+                self._probe_expired()
+                finish(None)  # no access log from this Envoy
+            elif responded:
                 self.finalizer.defer(request_id, finish)  # the first entry opens the stream
             else:
-                finish(None)  # no access log from this Envoy
+                self.awaiting.defer(request_id, finish)  # e.g. lean: the request runs on
         elif responded:
             self.finalizer.defer(request_id, finish)
         else:
@@ -271,6 +283,20 @@ class AccessLogJoin:
             else:
                 self.awaiting.defer(request_id, finish)
 
+    def _arm_probe(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not on a loop (unit tests drive `defer` directly)
+            return
+        loop.call_later(self._probe_s, self._probe_expired)
+
+    def _probe_expired(self) -> None:
+        """No access-log stream within the probe: exchanges waiting for their request's
+        end would wait `response_wait_s` for nothing; finish them now."""
+        if not self.service.connected:
+            self.awaiting.flush()
+            self._finished()
+
     def deliver(self, facts: FinalFacts) -> None:
         if self.awaiting.is_parked(facts.request_id):
             self.awaiting.deliver(facts)
@@ -279,6 +305,18 @@ class AccessLogJoin:
 
     def pending(self) -> int:
         return self.finalizer.pending() + self.awaiting.pending()
+
+    async def settled(self) -> None:
+        """Return once no exchange waits for its entry: on shutdown, the requests still
+        in flight (with envoy.yaml's lean mode, every request outlives its stream) have
+        ended and been joined. Bound it with asyncio.timeout."""
+        while self.pending():
+            self._settled = asyncio.Event()
+            await self._settled.wait()
+
+    def _finished(self) -> None:
+        if self._settled is not None and not self.pending():
+            self._settled.set()
 
     def flush(self) -> None:
         self.finalizer.flush()

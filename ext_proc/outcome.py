@@ -73,6 +73,12 @@ def merge_final_facts(result: Outcome, final: FinalFacts) -> None:
         attrs[sc.ENVOY_RESPONSE_FLAGS] = list(dict.fromkeys([*known, *final.response_flags]))
     if final.upstream_attempts is not None:
         attrs.setdefault(sc.ENVOY_UPSTREAM_ATTEMPTS, final.upstream_attempts)
+    # what the response phase's attributes say, when Envoy skipped that phase (lean)
+    for key, value in ((sc.ENVOY_RESPONSE_CODE_DETAILS, final.response_code_details),
+                       (sc.ENVOY_UPSTREAM_ADDRESS, final.upstream_address),
+                       (sc.ENVOY_UPSTREAM_FAILURE, final.upstream_failure)):
+        if value:
+            attrs.setdefault(key, value)
 
 
 def with_final_facts(result: Outcome, status: int, final: FinalFacts) -> Outcome:

@@ -31,6 +31,8 @@ class RequestPolicy:
     def __init__(self, redactor: Redactor, sampling: SamplingPolicy | None = None,
                  tenants: TenantResolver | None = None) -> None:
         self.redactor = redactor
+        # response headers to record: the exchange needs Envoy's response phase
+        self.wants_response = redactor.captures_response
         self.sampling = sampling
         self._tenants = tenants if tenants is not None and tenants.enabled else None
 

@@ -7,6 +7,7 @@ from typing import Final
 from google.protobuf import struct_pb2
 from opentelemetry.trace import SpanContext
 
+from ext_proc._gen.envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2 as mode_pb
 from ext_proc._gen.envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 _EMPTY: Final = {
@@ -23,6 +24,12 @@ def empty_response(phase: str | None) -> pb.ProcessingResponse:
     """The no-op answer for a phase (shared immutable instances: never mutate)."""
     return _EMPTY.get(phase or "", _EMPTY["request_headers"])
 
+
+# Sent with the answer to request_headers (`mode_override`) when this exchange needs
+# the response phase that the lean envoy.yaml skips (Envoy: allow_mode_override).
+_SEND: Final = mode_pb.ProcessingMode.SEND
+RESPONSE_PHASE: Final = mode_pb.ProcessingMode(response_header_mode=_SEND,
+                                                response_trailer_mode=_SEND)
 
 # Response headers we add to rather than replace (the upstream's own timings stay).
 APPENDED: Final = frozenset({"server-timing"})

@@ -20,6 +20,11 @@ class Propagator(Protocol):
     def inject(self, context: Context, out: dict[str, str]) -> None: ...
     def response_headers(self, span_context: SpanContext) -> dict[str, str]: ...
 
+    @property
+    def wants_response(self) -> bool:
+        """Whether `response_headers` can return anything (needs the response phase)."""
+        ...
+
 
 class PropagatorSource(Protocol):
     """Propagators for per-route settings (`ext_proc.propagation.PropagatorCache`)."""

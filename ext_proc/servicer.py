@@ -26,6 +26,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         self._phase_timer = phase_timer  # (phase, ns spent answering), called after the answer
         self._route_options = route_options
         self.active: set[StreamSession] = set()  # live streams, for shutdown and tests
+        self.accepting = True  # False while shutting down: new streams are refused
         self._idle = asyncio.Event()  # set whenever `active` becomes empty
 
     async def drained(self) -> None:
@@ -38,6 +39,8 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         request_iterator: AsyncIterator[pb.ProcessingRequest],
         context: grpc.aio.ServicerContext[pb.ProcessingRequest, pb.ProcessingResponse],
     ) -> AsyncIterator[pb.ProcessingResponse]:
+        if not self.accepting:  # Envoy lets the request through untraced (fail open)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "shutting down")
         session = StreamSession(self._deps,
                                 self._route_options.get(context.invocation_metadata()))
         self.active.add(session)

@@ -26,7 +26,7 @@ from ext_proc.headers import Carrier, carrier_from_headers, first, header_mutati
 from ext_proc.outcome import apply, client_outcome, exchange_outcome
 from ext_proc.policy import RequestPolicy
 from ext_proc.request_info import RequestInfo, request_info
-from ext_proc.responses import APPENDED, empty_response, trace_metadata
+from ext_proc.responses import APPENDED, RESPONSE_PHASE, empty_response, trace_metadata
 from ext_proc.route_options import DEFAULT, RouteOptions
 from ext_proc.seams import ExchangeRecord, Propagator, PropagatorSource, StreamObserver
 
@@ -124,12 +124,16 @@ class StreamSession:
         propagator.inject(set_span_in_context(span, parent), out)
         self._pending = request
         self._carrier = carrier
-        return pb.ProcessingResponse(
+        answer = pb.ProcessingResponse(
             request_headers=pb.HeadersResponse(response=pb.CommonResponse(
                 header_mutation=header_mutation(out, propagator.removals(carrier, out)),
             )),
             dynamic_metadata=trace_metadata(deps.metadata_namespace, self.span.get_span_context()),
         )
+        if self._client is not None or propagator.wants_response or (
+                deps.policy is not None and deps.policy.wants_response):
+            answer.mode_override.CopyFrom(RESPONSE_PHASE)
+        return answer
 
     def _on_response_headers(self, request: pb.ProcessingRequest) -> pb.ProcessingResponse:
         headers = request.response_headers
@@ -229,7 +233,7 @@ class StreamSession:
         if span is None:
             return
         if self._status is None and final is not None and final.response_code:
-            # Envoy skipped the response phase (envoy-lean.yaml), or we missed it: its
+            # Envoy skipped the response phase (lean envoy.yaml), or we missed it: its
             # access log has the response, and the exact end (start + %DURATION%).
             self._status = final.response_code
             self._grpc_status = self._grpc_status or final.grpc_status

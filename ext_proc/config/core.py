@@ -162,7 +162,7 @@ class StreamSettings(BaseModel):
         description=(
             "How long an exchange whose stream closed before any response waits for "
             "Envoy's access-log entry, which comes when the request ends: with an Envoy "
-            "that skips the response phase (envoy/envoy-lean.yaml) that is every request, "
+            "that skips the response phase (the lean envoy/envoy.yaml) that is every request, "
             "so set it above your longest request."
         ),
     )

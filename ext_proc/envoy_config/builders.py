@@ -76,8 +76,12 @@ def _pack(message: Any) -> Any:
     return AnyMessage.pack(message)
 
 
-def ext_proc_filter(settings: Settings, opts: EnvoyConfigOptions) -> Any:
-    """The ``HttpFilter`` that sends every request to the sidecar (place before the router)."""
+def ext_proc_filter(settings: Settings, opts: EnvoyConfigOptions, *, lean: bool) -> Any:
+    """The ``HttpFilter`` that sends every request to the sidecar (place before the router).
+
+    `lean` (only with the access-log join, `access_log_join`): Envoy skips the response
+    phase and the sidecar learns each response from the access log, asking for the
+    phase (``mode_override``) only for requests that need it."""
     from envoy_data_plane.envoy.config.core.v3 import GrpcService, GrpcServiceEnvoyGrpc
     from envoy_data_plane.envoy.extensions.filters.http.ext_proc.v3 import (
         ExternalProcessor,
@@ -98,11 +102,12 @@ def ext_proc_filter(settings: Settings, opts: EnvoyConfigOptions) -> Any:
         failure_mode_allow=True,
         message_timeout=opts.message_timeout,
         processing_mode=ProcessingMode(
-            request_header_mode=send, response_header_mode=send,
+            request_header_mode=send, response_header_mode=skip if lean else send,
             request_body_mode=ProcessingModeBodySendMode.NONE,
             response_body_mode=ProcessingModeBodySendMode.NONE,
-            request_trailer_mode=skip, response_trailer_mode=send,
+            request_trailer_mode=skip, response_trailer_mode=skip if lean else send,
         ),
+        allow_mode_override=lean,
         request_attributes=list(EnvoyAttr.REQUEST),
         response_attributes=list(EnvoyAttr.RESPONSE),
         metadata_options=MetadataOptions(forwarding_namespaces=namespaces,
@@ -245,7 +250,7 @@ def bootstrap(settings: Settings, opts: EnvoyConfigOptions) -> Any:
         stat_prefix="ingress",
         route_config=RouteConfiguration(name="local", virtual_hosts=[
             VirtualHost(name="all", domains=["*"], routes=routes)]),
-        http_filters=[ext_proc_filter(settings, opts),
+        http_filters=[ext_proc_filter(settings, opts, lean=True),
                       HttpFilter(name=ROUTER_FILTER, typed_config=_pack(Router()))],
         access_log=[access_log_join(opts)],
     )
@@ -268,7 +273,7 @@ def snippet(settings: Settings, opts: EnvoyConfigOptions) -> Doc:
     """The parts to merge into an existing bootstrap, keyed by where they go."""
     return {
         "layered_runtime": to_dict(runtime_layer()),
-        "http_filters": [to_dict(ext_proc_filter(settings, opts))],
+        "http_filters": [to_dict(ext_proc_filter(settings, opts, lean=True))],
         "clusters": [to_dict(sidecar_cluster(opts))],
         "http_connection_manager_access_log": [to_dict(access_log_join(opts))],
         "route_typed_per_filter_config": {

@@ -26,7 +26,8 @@ from ext_proc.semconv import EnvoyAttr
 def istio_envoy_filter(settings: Settings, opts: EnvoyConfigOptions) -> Doc:
     """An Istio ``EnvoyFilter`` adding the filter, the cluster and a per-route example."""
     gateway = opts.istio_context == "gateway"
-    http_filter = to_dict(ext_proc_filter(settings, opts))
+    # no access-log join here: the sidecar needs Envoy's response phase
+    http_filter = to_dict(ext_proc_filter(settings, opts, lean=False))
     context = "GATEWAY" if gateway else "SIDECAR_INBOUND"
     hcm_match = {"context": context, "listener": {"filterChain": {"filter": {
         "name": HCM_FILTER, "subFilter": {"name": ROUTER_FILTER}}}}}

@@ -90,6 +90,8 @@ class GatewayPropagator:
         self._baggage = _baggage.Baggage(settings.baggage_max_members, settings.baggage_max_bytes)
         self._response = settings.response
         self._response_header = settings.response_header
+        # response headers to set: the exchange needs Envoy's response phase
+        self.wants_response = bool(settings.response) or settings.response_header is not None
 
         extracted, injected = set(settings.extract), set(settings.inject)
         written = frozenset().union(*(_writes(name) for name in injected))

@@ -54,6 +54,7 @@ class Redactor:
             "response": self._plan(RESPONSE_HEADER_PREFIX, settings.capture_response_headers),
         }
         self._api_key_headers = settings.api_key_headers
+        self.captures_response = bool(settings.capture_response_headers)
         secret = settings.hmac_secret
         self._hasher = (
             SubjectHasher(secret.get_secret_value().encode("utf-8"), settings.enduser_id_length)

@@ -90,8 +90,9 @@ def test_opt_in_rows_and_the_baseline_are_chosen_from_the_environment() -> None:
         BenchOptions.from_env({"BENCH_CONFIGS": "sidecar,nope"})
 
 
-def test_hotpath_drives_every_exchange_to_an_exported_span() -> None:
-    us, main_us, spans = measure(300)
+@pytest.mark.parametrize("full", [False, True], ids=["lean", "full"])
+def test_hotpath_drives_every_exchange_to_an_exported_span(full: bool) -> None:
+    us, main_us, spans = measure(300, full=full)
     assert spans == 300
     assert 0 < main_us <= us
 

@@ -1,5 +1,6 @@
-"""envoy/envoy-lean.yaml: Envoy skips the response phase; the sidecar learns every
-ending from Envoy's gRPC access log and still makes exactly one correct span."""
+"""The shipped envoy/envoy.yaml is lean: Envoy skips the response phase; the sidecar
+learns every ending from Envoy's gRPC access log and still makes exactly one correct
+span (tests/e2e/test_endings.py runs every ending behind both configs)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 
 from ext_proc._gen.demo.v1 import users_pb2, users_pb2_grpc
 from ext_proc.demo.receiver import OtlpReceiver
-from ext_proc.devstack import Stack, wait_until
+from ext_proc.devstack import ENVOY_YAML, Stack, wait_until
 from tests.conftest import http_request
 from tests.e2e.conftest import (
     abort_in_flight,
@@ -24,17 +25,14 @@ from tests.e2e.conftest import (
 pytestmark = pytest.mark.e2e
 
 STATUS_ERROR = 2
-LEAN_YAML = "envoy/envoy-lean.yaml"
 
 
 @pytest.fixture(scope="module")
 def lean(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, OtlpReceiver]]:
-    from ext_proc.devstack import ROOT
-
     receiver = OtlpReceiver()
     receiver.start()
     stack = Stack(tmp_path_factory.mktemp("lean"), receiver.endpoint,
-                  envoy_source=ROOT / LEAN_YAML, mutate_config=add_test_routes)
+                  envoy_source=ENVOY_YAML, mutate_config=add_test_routes)
     try:
         stack.start()
         yield stack, receiver

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from ext_proc.access_log_service import FinalFacts
 from ext_proc.finalizer import AccessLogJoin
 
@@ -54,3 +56,51 @@ async def test_connected_exchanges_join_in_either_order() -> None:
     assert [f.request_id if f else None for f in got] == ["early", "late"]
     assert join.pending() == 0
     join.flush()
+
+
+async def test_settled_returns_once_every_waiting_exchange_is_joined() -> None:
+    join = AccessLogJoin(1.0, 300.0, Clock())
+    join.service.connected = True
+    await asyncio.wait_for(join.settled(), 1)  # nothing waits: at once
+    got: list[FinalFacts | None] = []
+    join.defer("in-flight", got.append, responded=False)  # lean: request still running
+    join.defer("done", got.append)
+    settled = asyncio.ensure_future(join.settled())
+    join.deliver(facts("done"))
+    await asyncio.sleep(0)  # one turn of the loop: still one exchange waiting
+    assert not settled.done()
+    join.deliver(facts("in-flight"))
+    await asyncio.wait_for(settled, 1)
+    assert {f.request_id for f in got if f} == {"done", "in-flight"}
+
+
+async def test_settled_also_counts_exchanges_that_time_out() -> None:
+    join = AccessLogJoin(0.01, 300.0)
+    join.service.connected = True
+    got: list[FinalFacts | None] = []
+    join.defer("lost", got.append)  # its entry never comes
+    await asyncio.wait_for(join.settled(), 5)
+    assert got == [None]
+
+
+async def test_before_the_stream_opens_a_running_request_waits_for_its_end() -> None:
+    clock = Clock()
+    join = AccessLogJoin(1.0, 300.0, clock, probe_s=10.0)
+    got: list[FinalFacts | None] = []
+    join.defer("slow", got.append, responded=False)  # lean: the first request runs on
+    assert join.awaiting.pending() == 1 and join.finalizer.pending() == 0
+    clock.now += 5.0  # longer than timeout_s, within the probe
+    join.service.connected = True  # its entry opens Envoy's stream
+    join.deliver(facts("slow"))
+    assert got == [facts("slow")]
+    join.flush()
+
+
+async def test_no_stream_within_the_probe_releases_the_running_requests() -> None:
+    clock = Clock()
+    join = AccessLogJoin(1.0, 300.0, clock, probe_s=10.0)
+    got: list[FinalFacts | None] = []
+    join.defer("a", got.append, responded=False)
+    clock.now += 11.0
+    join.defer("b", got.append, responded=False)  # the probe has expired: no access log
+    assert got == [None, None] and join.pending() == 0

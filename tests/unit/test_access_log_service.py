@@ -132,6 +132,9 @@ def _upstream_message(request_id: str) -> bytes:
                     start_time=datetime.datetime.now(datetime.UTC),
                     response_flags=up_log.ResponseFlags(upstream_remote_reset=True),
                     access_log_type=up_log.AccessLogType.DownstreamEnd,
+                    upstream_remote_address=up_core.Address(socket_address=up_core.SocketAddress(
+                        address="10.0.0.7", port_value=8080)),
+                    upstream_transport_failure_reason="delayed connect error: 111",
                     custom_tags={"k": "v"}),
                 protocol_version=up_log.HttpAccessLogEntryHttpVersion.HTTP11,
                 request=up_log.HttpRequestProperties(
@@ -183,5 +186,7 @@ async def test_stream_over_grpc_with_envoys_full_messages() -> None:
         await server.stop(None)
     assert [f.request_id for f in got] == ["first", "second"]
     assert got[0] == FinalFacts("first", 200, ("UR",),
-                                "upstream_reset_after_response_started{remote_reset}", 3)
+                                "upstream_reset_after_response_started{remote_reset}", 3,
+                                upstream_address="10.0.0.7:8080",
+                                upstream_failure="delayed connect error: 111")
     assert (service.streams, service.entries, service.ignored) == (0, 2, 1)

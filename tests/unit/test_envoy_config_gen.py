@@ -48,8 +48,11 @@ def test_snippet_carries_the_attributes_mode_and_namespace_of_the_settings() -> 
     assert config["failure_mode_allow"] is True
     assert config["message_timeout"] == "0.200s"
     mode = config["processing_mode"]
+    # lean, as the snippet carries the access-log join: the sidecar asks for the
+    # response phase where it needs it
     assert (mode["request_header_mode"], mode["response_header_mode"],
-            mode["response_trailer_mode"]) == ("SEND", "SEND", "SEND")
+            mode["response_trailer_mode"]) == ("SEND", "SKIP", "SKIP")
+    assert config["allow_mode_override"] is True
     meta = config["metadata_options"]
     assert meta["forwarding_namespaces"]["untyped"] == ["acme_tracing"]
     assert meta["receiving_namespaces"]["untyped"] == ["acme_tracing"]
@@ -115,6 +118,9 @@ def test_istio_variants(context: str, expected: str) -> None:
     assert [p["applyTo"] for p in patches] == ["HTTP_FILTER", "CLUSTER", "HTTP_ROUTE"]
     assert patches[0]["match"]["context"] == expected
     assert patches[0]["patch"]["operation"] == "INSERT_BEFORE"
+    # no access-log join in a mesh: Envoy must send every response phase
+    mode = patches[0]["patch"]["value"]["typed_config"]["processing_mode"]
+    assert (mode["response_header_mode"], mode["response_trailer_mode"]) == ("SEND", "SEND")
     assert patches[0]["match"]["listener"]["filterChain"]["filter"]["subFilter"]["name"] == (
         "envoy.filters.http.router")
 

@@ -15,14 +15,14 @@ from collections.abc import Iterator
 import pytest
 from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor
 
-from ext_proc._gen.envoy.config.core.v3 import base_pb2
+from ext_proc._gen.envoy.config.core.v3 import address_pb2, base_pb2
 from ext_proc._gen.envoy.data.accesslog.v3 import accesslog_pb2
 from ext_proc._gen.envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from ext_proc._gen.envoy.service.accesslog.v3 import als_pb2
 from ext_proc._gen.envoy.service.ext_proc.v3 import external_processor_pb2
 from ext_proc._gen.envoy.type.v3 import http_status_pb2
 
-OUR_FILES = [base_pb2, processing_mode_pb2, external_processor_pb2, http_status_pb2,
+OUR_FILES = [address_pb2, base_pb2, processing_mode_pb2, external_processor_pb2, http_status_pb2,
              accesslog_pb2, als_pb2]
 
 _TYPE_NAMES = {
