@@ -6,7 +6,8 @@ calls (``handle``, ``record``, ``close``) with the messages the shipped (lean)
 envoy.yaml sends for a plain HTTP request, and Envoy's access log entry for each
 (``--full``: with the response headers message too, as envoy-full.yaml sends).
 Reports the process's CPU microseconds per exchange (the export thread included),
-and with ``--profile`` the top functions. ``make bench`` measures the whole; this isolates our part of it.
+and with ``--profile`` the top functions. ``make bench`` measures the whole; this
+isolates our part of it.
 """
 
 from __future__ import annotations
