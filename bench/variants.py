@@ -165,7 +165,10 @@ WORKERS_STREAMS: Final = 4  # measured with make bench: see the README's Perform
 _WORKERS_HEADER: Final = """\
 # Envoy bootstrap for `extproc-otel serve --workers N` (Envoy 1.40).
 #
-# GENERATED from envoy.yaml by `python -m bench.variants`: do not edit. The one
+# GENERATED from envoy-full.yaml (itself from envoy.yaml) by `python -m bench.variants`:
+# do not edit. Every response phase is sent, as in envoy-full.yaml: with N workers a
+# request's access-log entry may reach another worker than its ext_proc stream, so
+# the response phase is what tells each worker how its exchanges ended. The other
 # change is in the extproc_otel cluster: see its http2_protocol_options.
 """
 _H2_EMPTY: Final = "http2_protocol_options: {}"
@@ -223,10 +226,10 @@ def dump(config: dict[str, Any], path: Path) -> Path:
 
 
 if __name__ == "__main__":
-    reference = ENVOY_YAML.read_text()
-    for path, render in ((WORKERS_YAML, render_workers_yaml), (FULL_YAML, render_full_yaml)):
-        rendered = render(reference)
-        if rendered is None:
-            raise SystemExit(f"{ENVOY_YAML}: cannot derive {path.name}")
-        path.write_text(rendered)
+    full = render_full_yaml(ENVOY_YAML.read_text())
+    workers = render_workers_yaml(full) if full is not None else None
+    if full is None or workers is None:
+        raise SystemExit(f"{ENVOY_YAML}: cannot derive {FULL_YAML.name} and {WORKERS_YAML.name}")
+    for path, text in ((FULL_YAML, full), (WORKERS_YAML, workers)):
+        path.write_text(text)
         print(f"wrote {path}")

@@ -149,6 +149,8 @@ def build_sidecar(settings: Settings, telemetry: Telemetry | None = None) -> Sid
         graceful_close=settings.stream.graceful_close,
         upstream_span=settings.stream.upstream_span,
         finalizer=join,
+        # with several workers a request's access-log entry may reach another worker
+        response_phase=settings.server.workers > 1,
         observers=(AccessLog(),) * settings.log.access_log + tuple(observability.observers),
     )
     processor = ExternalProcessor(deps, RouteOptionsCache(settings.propagation),

@@ -44,7 +44,9 @@ _MAX_CACHED_VALUE: Final = 64  # longer strings (paths, ids) rarely repeat
 
 
 def _set_value(target: AnyValue, value: Any) -> None:
-    """Fill `target` like the SDK's encoder would (bool before int; None stays empty)."""
+    """Fill `target` like the SDK's encoder would (bool before int; None: an empty
+    value, present; empty sequences and mappings: an empty array or list, present)."""
+    target.SetInParent()
     if value is None:
         return
     if isinstance(value, bool):
@@ -58,10 +60,12 @@ def _set_value(target: AnyValue, value: Any) -> None:
     elif isinstance(value, bytes):
         target.bytes_value = value
     elif isinstance(value, Sequence):
+        target.array_value.SetInParent()
         values = target.array_value.values
         for item in value:
             _set_value(values.add(), item)
     elif isinstance(value, Mapping):
+        target.kvlist_value.SetInParent()
         pairs = target.kvlist_value.values
         for key, item in value.items():
             pair = pairs.add()

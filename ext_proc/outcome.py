@@ -166,9 +166,13 @@ def apply(span: Span, result: Outcome) -> None:
 
 def exchange_outcome(status: int | None, grpc_status: str | None, is_grpc: bool,
                      envoy: EnvoyAttributes | None, extra: dict[str, Any],
-                     final: FinalFacts | None, reset: bool) -> Outcome:
+                     final: FinalFacts | None, reset: bool, *, unknown: bool = False) -> Outcome:
     """The gateway span's ending. `status` None: no response was seen; `final`: Envoy's
-    access-log entry, when joined; `reset`: the stream was reset after the response."""
+    access-log entry, when joined; `reset`: the stream was reset after the response;
+    `unknown`: no response was expected on the stream and no entry came, so nothing
+    says how the exchange ended (not an error we could name)."""
+    if status is None and unknown:
+        return Outcome()
     if status is None:
         result = aborted()
         if final is not None:

@@ -45,15 +45,33 @@ class StreamDeps:
     graceful_close: bool = True  # Envoy runs with ext_proc_graceful_grpc_close
     upstream_span: bool = False  # a CLIENT span around the upstream call
     finalizer: AccessLogJoin | None = None  # joins Envoy's access log (ALS) entries
+    # Always ask Envoy for the response phase (mode_override), e.g. with --workers N,
+    # where a request's access-log entry may reach another process than its stream.
+    response_phase: bool = False
 
 
 class StreamSession:
     """State of one exchange: small, and released when the stream ends."""
 
     __slots__ = (
-        "_carrier", "_client", "_closed", "_deps", "_facts", "_grpc_status", "_options",
-        "_pending", "_propagator", "_response_attrs", "_start_ns", "_started", "_status",
-        "_tenant", "cancelled", "span")
+        "_carrier",
+        "_client",
+        "_closed",
+        "_deps",
+        "_expects_response",
+        "_facts",
+        "_grpc_status",
+        "_options",
+        "_pending",
+        "_propagator",
+        "_response_attrs",
+        "_start_ns",
+        "_started",
+        "_status",
+        "_tenant",
+        "cancelled",
+        "span",
+    )
 
     def __init__(self, deps: StreamDeps, options: RouteOptions = DEFAULT) -> None:
         self._deps = deps
@@ -73,6 +91,7 @@ class StreamSession:
         self._response_attrs: EnvoyAttributes | None = None
         self._pending: pb.ProcessingRequest | None = None
         self._closed = False
+        self._expects_response = False  # Envoy sends (or was asked for) the response phase
         self.cancelled = False  # set by the servicer when Envoy reset the stream
 
     # -- answering (hot path) -------------------------------------------------
@@ -130,12 +149,24 @@ class StreamSession:
             )),
             dynamic_metadata=trace_metadata(deps.metadata_namespace, self.span.get_span_context()),
         )
-        if self._client is not None or propagator.wants_response or (
-                deps.policy is not None and deps.policy.wants_response):
+        if self._needs_response_phase(propagator):
+            self._expects_response = True
             answer.mode_override.CopyFrom(RESPONSE_PHASE)
         return answer
 
+    def _needs_response_phase(self, propagator: Propagator) -> bool:
+        """Whether to ask a lean Envoy for this exchange's response phase: something
+        needs the response headers, or Envoy's access log cannot tell how it ended
+        (no join; no access-log stream yet, e.g. the first requests after a start)."""
+        deps = self._deps
+        finalizer = deps.finalizer
+        return (self._client is not None or propagator.wants_response
+                or (deps.policy is not None and deps.policy.wants_response)
+                or deps.response_phase or finalizer is None
+                or not finalizer.service.connected)
+
     def _on_response_headers(self, request: pb.ProcessingRequest) -> pb.ProcessingResponse:
+        self._expects_response = True
         headers = request.response_headers
         carrier = carrier_from_headers(headers.headers)
         status = first(carrier, ":status")
@@ -232,13 +263,15 @@ class StreamSession:
         span = self.span
         if span is None:
             return
-        if self._status is None and final is not None and final.response_code:
-            # Envoy skipped the response phase (lean envoy.yaml), or we missed it: its
-            # access log has the response, and the exact end (start + %DURATION%).
-            self._status = final.response_code
-            self._grpc_status = self._grpc_status or final.grpc_status
-            if final.duration_ns is not None:
+        if self._status is None and final is not None:
+            # Envoy skipped the response phase (lean envoy.yaml), or the client left
+            # before it: the access log has the exact end (start + %DURATION%) and the
+            # response, if one was sent.
+            if final.duration_ns is not None and self._start_ns:
                 end_ns = self._start_ns + final.duration_ns
+            if final.response_code:
+                self._status = final.response_code
+                self._grpc_status = self._grpc_status or final.grpc_status
         error_type: str | None = None
         try:
             error_type = self._finish(span, final)
@@ -280,8 +313,12 @@ class StreamSession:
         """Final attributes and status; returns the error.type recorded, if any."""
         policy = self._deps.policy
         extra = policy.response_attributes(self._carrier) if self._carrier and policy else {}
+        # no response seen, none expected (lean), none logged: how it ended is unknown
+        unknown = (self._status is None and final is None and not self._expects_response
+                   and not self.cancelled)
         result = exchange_outcome(
             self._status, self._grpc_status, bool(self._facts and self._facts.is_grpc),
-            self._response_attrs, extra, final, self.cancelled and self._deps.graceful_close)
+            self._response_attrs, extra, final, self.cancelled and self._deps.graceful_close,
+            unknown=unknown)
         apply(span, result)
         return result.error_type

@@ -149,7 +149,9 @@ class StreamSettings(BaseModel):
             "as envoy/envoy.yaml does) and end each span only once Envoy's own entry for the "
             "request arrived: its final flags reveal a response cut short after its headers "
             "(UR/UC/UPE/DC), and give http.response.body.size. Without an access-log stream "
-            "from Envoy, spans end at once."
+            "from Envoy, spans end at once. With the lean envoy/envoy.yaml the access log "
+            "is where the response comes from: the sidecar asks Envoy for the response "
+            "phase (mode_override) whenever no join is possible (this off, or no stream)."
         ),
     )
     join_timeout_s: float = Field(

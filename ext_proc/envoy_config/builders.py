@@ -250,7 +250,7 @@ def bootstrap(settings: Settings, opts: EnvoyConfigOptions) -> Any:
         stat_prefix="ingress",
         route_config=RouteConfiguration(name="local", virtual_hosts=[
             VirtualHost(name="all", domains=["*"], routes=routes)]),
-        http_filters=[ext_proc_filter(settings, opts, lean=True),
+        http_filters=[ext_proc_filter(settings, opts, lean=settings.stream.join_access_log),
                       HttpFilter(name=ROUTER_FILTER, typed_config=_pack(Router()))],
         access_log=[access_log_join(opts)],
     )
@@ -273,7 +273,8 @@ def snippet(settings: Settings, opts: EnvoyConfigOptions) -> Doc:
     """The parts to merge into an existing bootstrap, keyed by where they go."""
     return {
         "layered_runtime": to_dict(runtime_layer()),
-        "http_filters": [to_dict(ext_proc_filter(settings, opts, lean=True))],
+        "http_filters": [to_dict(ext_proc_filter(
+            settings, opts, lean=settings.stream.join_access_log))],
         "clusters": [to_dict(sidecar_cluster(opts))],
         "http_connection_manager_access_log": [to_dict(access_log_join(opts))],
         "route_typed_per_filter_config": {

@@ -76,6 +76,19 @@ def test_spans_of_several_resources_are_grouped_like_the_sdk() -> None:
     assert len(request.resource_spans) == 2
 
 
+def test_empty_and_null_values_are_present_like_the_sdk() -> None:
+    span = finished()[0]
+    odd = ReadableSpan(name="odd", context=span.context, resource=span.resource,
+                       attributes={"none": None, "empty": [], "no_pairs": {},  # type: ignore[dict-item]
+                                   "nested": [[], None, {"k": []}]},
+                       events=[], links=[], instrumentation_scope=InstrumentationScope("x"))
+    assert SpanEncoder().encode([odd]) == encode_spans([odd])
+    encoded = SpanEncoder().encode([odd]).resource_spans[0].scope_spans[0].spans[0]
+    values = {kv.key: kv.value for kv in encoded.attributes}
+    assert values["empty"].HasField("array_value") and values["no_pairs"].HasField("kvlist_value")
+    assert values["none"].WhichOneof("value") is None
+
+
 def test_an_attribute_it_cannot_encode_is_skipped_like_the_sdk() -> None:
     span = finished()[0]
     odd = ReadableSpan(name="odd", context=span.context, resource=span.resource,
