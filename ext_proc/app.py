@@ -16,8 +16,8 @@ from loguru import logger
 import ext_proc
 from ext_proc._gen.envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from ext_proc.access_log import AccessLog
+from ext_proc.access_log_join import AccessLogJoin
 from ext_proc.config import Settings
-from ext_proc.finalizer import AccessLogJoin
 from ext_proc.metrics.wiring import Observability, build_observability
 from ext_proc.policy import RequestPolicy
 from ext_proc.propagation import PropagatorCache, Rejections

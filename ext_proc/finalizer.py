@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from typing import Final, Generic, Protocol, TypeVar
 
 from loguru import logger
 
-from ext_proc.access_log_service import AccessLogService, FinalFacts
+from ext_proc.access_log_service import FinalFacts
 
 Finish = Callable[[FinalFacts | None], None]
 
@@ -235,89 +234,3 @@ class SpanFinalizer:
         except Exception:
             logger.opt(exception=True).error(
                 "span finish failed", request_id=facts.request_id if facts else None)
-
-
-class AccessLogJoin:
-    """Envoy's access log (gRPC ALS) joined to ext_proc exchanges by request id.
-
-    An exchange whose response was seen waits up to `timeout_s` for its entry; one
-    whose stream closed before any response (a client abort, or an Envoy that skips
-    the response phase: the lean envoy/envoy.yaml) waits up to `response_wait_s`, since
-    the entry comes only when the request ends. Envoy opens its ALS stream with the
-    first entry it logs, so before that exchanges wait just the same; if no stream has
-    come `probe_s` after the first exchange, Envoy is taken not to send one: waiting
-    exchanges finish, and later ones finish at once (until a stream does come).
-    """
-
-    def __init__(self, timeout_s: float, response_wait_s: float,
-                 loop_time: Callable[[], float] = time.monotonic,
-                 probe_s: float = 10.0) -> None:
-        self.finalizer = SpanFinalizer(loop_time, timeout_s, on_finished=self._finished)
-        self.awaiting = SpanFinalizer(loop_time, response_wait_s, max_kept=0,
-                                      on_finished=self._finished)
-        self.service = AccessLogService(self.deliver)
-        self._now = loop_time
-        self._probe_s = probe_s
-        self._probe_until: float | None = None
-        self._settled: asyncio.Event | None = None  # for `settled`
-
-    def defer(self, request_id: str, finish: Finish, *, responded: bool = True) -> None:
-        if not self.service.connected:
-            now = self._now()
-            if self._probe_until is None:
-                self._probe_until = now + self._probe_s
-                self._arm_probe()
-            if now > self._probe_until:
-                self._probe_expired()
-                finish(None)  # no access log from this Envoy
-            elif responded:
-                self.finalizer.defer(request_id, finish)  # the first entry opens the stream
-            else:
-                self.awaiting.defer(request_id, finish)  # e.g. lean: the request runs on
-        elif responded:
-            self.finalizer.defer(request_id, finish)
-        else:
-            early = self.finalizer.take_kept(request_id)
-            if early is not None:
-                finish(early)
-            else:
-                self.awaiting.defer(request_id, finish)
-
-    def _arm_probe(self) -> None:
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # not on a loop (unit tests drive `defer` directly)
-            return
-        loop.call_later(self._probe_s, self._probe_expired)
-
-    def _probe_expired(self) -> None:
-        """No access-log stream within the probe: exchanges waiting for their request's
-        end would wait `response_wait_s` for nothing; finish them now."""
-        if not self.service.connected:
-            self.awaiting.flush()
-            self._finished()
-
-    def deliver(self, facts: FinalFacts) -> None:
-        if self.awaiting.is_parked(facts.request_id):
-            self.awaiting.deliver(facts)
-        else:
-            self.finalizer.deliver(facts)  # finishes a parked exchange, or keeps the entry
-
-    def pending(self) -> int:
-        return self.finalizer.pending() + self.awaiting.pending()
-
-    async def settled(self) -> None:
-        """Return once no exchange waits for its entry: on shutdown, the requests still
-        in flight (with envoy.yaml's lean mode, every request outlives its stream) have
-        ended and been joined. Bound it with asyncio.timeout."""
-        while self.pending():
-            self._settled = asyncio.Event()
-            await self._settled.wait()
-
-    def _finished(self) -> None:
-        if self._settled is not None and not self.pending():
-            self._settled.set()
-
-    def flush(self) -> None:
-        self.finalizer.flush()
-        self.awaiting.flush()

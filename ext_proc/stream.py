@@ -1,53 +1,30 @@
 """`StreamSession`: one HTTP exchange as seen through one ext_proc stream.
 
-Envoy opens one gRPC stream per HTTP request. The session starts the gateway
-SERVER span on ``request_headers`` (at Envoy's own ``request.time``), answers
-with the traceparent mutation, and ends the span exactly once when the stream
-closes: that close is the only end-of-response signal Envoy gives (see
-ENVOY-NOTES). Work that does not shape the answer happens in `record()`, which
-the servicer calls after the answer is written.
+The session starts the gateway SERVER span on ``request_headers`` (at Envoy's
+``request.time``) and answers with the traceparent mutation; `record()` runs after
+the answer. The span ends exactly once, when the stream has closed and Envoy's
+access-log entry for the request has come (or could not: `AccessLogJoin`).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 from loguru import logger
-from opentelemetry.trace import Span, SpanKind, Tracer
+from opentelemetry.trace import Span, SpanKind
 from opentelemetry.trace.propagation import set_span_in_context
 
 from ext_proc import semconv as sc
 from ext_proc._gen.envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from ext_proc.access_log_service import FinalFacts
 from ext_proc.envoy_attrs import EnvoyAttributes
-from ext_proc.finalizer import AccessLogJoin
 from ext_proc.headers import Carrier, carrier_from_headers, first, header_mutation
 from ext_proc.outcome import apply, client_outcome, exchange_outcome
-from ext_proc.policy import RequestPolicy
 from ext_proc.request_info import RequestInfo, request_info
 from ext_proc.responses import APPENDED, RESPONSE_PHASE, empty_response, trace_metadata
 from ext_proc.route_options import DEFAULT, RouteOptions
-from ext_proc.seams import ExchangeRecord, Propagator, PropagatorSource, StreamObserver
-
-
-@dataclass(frozen=True, slots=True)
-class StreamDeps:
-    """Everything a session needs, built once by the app."""
-
-    tracer: Tracer
-    propagator: Propagator
-    attributes_namespace: str
-    metadata_namespace: str
-    observers: tuple[StreamObserver, ...] = ()
-    propagators: PropagatorSource | None = None  # for routes that override propagation
-    policy: RequestPolicy | None = None  # tenants, sampling, redaction
-    graceful_close: bool = True  # Envoy runs with ext_proc_graceful_grpc_close
-    upstream_span: bool = False  # a CLIENT span around the upstream call
-    finalizer: AccessLogJoin | None = None  # joins Envoy's access log (ALS) entries
-    # Always ask Envoy for the response phase (mode_override), e.g. with --workers N,
-    # where a request's access-log entry may reach another process than its stream.
-    response_phase: bool = False
+from ext_proc.seams import ExchangeRecord, Propagator
+from ext_proc.stream_deps import StreamDeps
 
 
 class StreamSession:
@@ -155,9 +132,8 @@ class StreamSession:
         return answer
 
     def _needs_response_phase(self, propagator: Propagator) -> bool:
-        """Whether to ask a lean Envoy for this exchange's response phase: something
-        needs the response headers, or Envoy's access log cannot tell how it ended
-        (no join; no access-log stream yet, e.g. the first requests after a start)."""
+        """Ask a lean Envoy for the response phase? If something needs the response
+        headers, or its access log cannot tell how the exchange ends (no join or stream)."""
         deps = self._deps
         finalizer = deps.finalizer
         return (self._client is not None or propagator.wants_response

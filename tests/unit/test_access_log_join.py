@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+from ext_proc.access_log_join import AccessLogJoin
 from ext_proc.access_log_service import FinalFacts
-from ext_proc.finalizer import AccessLogJoin
 
 
 class Clock:
