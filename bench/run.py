@@ -17,7 +17,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -42,8 +43,8 @@ from ext_proc.devstack import ROOT, Ports, Proc, envoy_binary, free_port, wait_u
 from ext_proc.procs import envoy_stat, http_ok
 
 _NPROC: Final = os.cpu_count() or 1
-_REQUESTS_STAT: Final = "http.ingress.downstream_rq_total"
-_FAILED_OPEN_STAT: Final = "http.ingress.ext_proc.failure_mode_allowed"
+REQUESTS_STAT: Final = "http.ingress.downstream_rq_total"
+FAILED_OPEN_STAT: Final = "http.ingress.ext_proc.failure_mode_allowed"
 
 
 @dataclass(frozen=True)
@@ -152,29 +153,24 @@ class Bench:
         return tree
 
     def _sidecar(self, variant: str, port: int, rundir: Path) -> Proc | None:
-        if variant == "baseline":
-            env = {**_clean_env(), "OTEL_EXPORTER_OTLP_ENDPOINT": self.receiver.endpoint,
-                   "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}
-            return Proc("sidecar", [sys.executable, "-m", "ext_proc", "serve", "--listen",
-                                    f"127.0.0.1:{port}"], rundir / "sidecar.log", env,
-                        cwd=self._baseline_tree())
         if variant in ECHO:
             return Proc("echo", [sys.executable, "-m", "bench.echo", str(port),
                                  ECHO[variant]], rundir / "echo.log",
                         {**_clean_env(), **ECHO_ENV.get(variant, {})})
-        if variant not in ("sidecar", "workers", *SIDECAR_AB):
+        if variant not in ("sidecar", "workers", "baseline", *SIDECAR_AB):
             return None
         env = {**_clean_env(), "OTEL_EXPORTER_OTLP_ENDPOINT": self.receiver.endpoint,
                "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc", **SIDECAR_AB.get(variant, {})}
         workers = self.options.workers if variant == "workers" else 1
         return Proc("sidecar", [sys.executable, "-m", "ext_proc", "serve", "--listen",
                                 f"127.0.0.1:{port}", "--workers", str(workers)],
-                    rundir / "sidecar.log", env)
+                    rundir / "sidecar.log", env,
+                    cwd=self._baseline_tree() if variant == "baseline" else None)
 
-    def run(self, variant: str, round_no: int, attempt: int = 0) -> report.RunResult:
+    @contextmanager
+    def started(self, variant: str, rundir: Path) -> Iterator[Running]:
+        """Envoy for `variant` (and its sidecar or echo server), ready; stopped after."""
         opts = self.options
-        rundir = self.workdir / f"round{round_no}-{variant}-{attempt}"
-        rundir.mkdir()
         ports = Ports(users=self.upstream_port)
         config = proxy_config(variant, ports, rundir / "access.log", self.receiver.port,
                               workers_source=opts.workers_envoy)
@@ -183,7 +179,6 @@ class Bench:
                                "--concurrency", str(opts.envoy_concurrency)],
                      rundir / "envoy.log", _clean_env())
         sidecar = self._sidecar(variant, ports.sidecar, rundir)
-        spans_before = self.receiver.spans
         try:
             if sidecar is not None:
                 sidecar.start()
@@ -192,7 +187,20 @@ class Bench:
             envoy.start()
             admin = f"http://127.0.0.1:{ports.admin}/ready"
             wait_until(lambda: _alive(envoy) and http_ok(admin), 30, "envoy")
-            url = f"http://127.0.0.1:{ports.listener}{BENCH_PATH}"
+            yield Running(ports, envoy, sidecar,
+                          f"http://127.0.0.1:{ports.listener}{BENCH_PATH}")
+        finally:
+            envoy.stop()
+            if sidecar is not None:
+                sidecar.stop()
+
+    def run(self, variant: str, round_no: int, attempt: int = 0) -> report.RunResult:
+        opts = self.options
+        rundir = self.workdir / f"round{round_no}-{variant}-{attempt}"
+        rundir.mkdir()
+        spans_before = self.receiver.spans
+        with self.started(variant, rundir) as running:
+            envoy, sidecar, url, ports = running.envoy, running.sidecar, running.url, running.ports
             run_wrk(url, opts.warmup_seconds, rundir, threads=1, connections=4)
             cpu0 = (cpu_seconds(_pid(envoy)),
                     cpu_seconds(_pid(sidecar)) if sidecar is not None else 0.0)
@@ -201,8 +209,8 @@ class Bench:
                     cpu_seconds(_pid(sidecar)) if sidecar is not None else 0.0)
             light = run_paced("127.0.0.1", ports.listener, BENCH_PATH, opts.light_rate,
                               opts.light_seconds)
-            requests = envoy_stat(ports.admin, _REQUESTS_STAT)
-            failed_open = envoy_stat(ports.admin, _FAILED_OPEN_STAT)
+            requests = envoy_stat(ports.admin, REQUESTS_STAT)
+            failed_open = envoy_stat(ports.admin, FAILED_OPEN_STAT)
             spans: int | None = None
             if sidecar is not None and variant not in ECHO:
                 code = sidecar.stop(timeout=30)  # SIGTERM: drain, flush, exit
@@ -212,15 +220,21 @@ class Bench:
                     - spans_before
             elif variant == "native":
                 spans = self.receiver.wait_for(spans_before + requests, 15) - spans_before
-        finally:
-            envoy.stop()
-            if sidecar is not None:
-                sidecar.stop()
         return report.RunResult(
             variant=variant, label=opts.label(variant), round=round_no,
             saturation=saturation, light=light, envoy_cpu_s=cpu1[0] - cpu0[0],
             sidecar_cpu_s=None if sidecar is None else cpu1[1] - cpu0[1],
             requests=requests, spans=spans, failed_open=failed_open)
+
+
+@dataclass(frozen=True)
+class Running:
+    """One started config: its ports, Envoy, sidecar (or echo server) and /bench URL."""
+
+    ports: Ports
+    envoy: Proc
+    sidecar: Proc | None
+    url: str
 
 
 class StartupError(RuntimeError):

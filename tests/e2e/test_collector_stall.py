@@ -7,18 +7,16 @@ hangs every trace export for 4 s; afterwards every request Envoy saw has its spa
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from bench.load import run_wrk
-from bench.run import Bench, BenchOptions, _clean_env
-from bench.variants import BENCH_PATH, dump, proxy_config
-from ext_proc.devstack import Ports, Proc, wait_until
+from bench.run import FAILED_OPEN_STAT, REQUESTS_STAT, Bench, BenchOptions
+from ext_proc.devstack import Proc, wait_until
 from ext_proc.metrics.spans import DEFAULT_QUEUE_SIZE
-from ext_proc.procs import envoy_stat, grpc_serving, http_ok
+from ext_proc.procs import envoy_stat
 
 pytestmark = pytest.mark.e2e
 
@@ -38,47 +36,31 @@ def _exchanges(sidecar: Proc) -> int:
 
 
 def test_a_4s_collector_stall_at_saturation_loses_no_span(tmp_path: Path) -> None:
-    with Bench(BenchOptions(), tmp_path) as bench:
-        ports = Ports(users=bench.upstream_port)
-        config = proxy_config("sidecar", ports, tmp_path / "access.log", bench.receiver.port)
-        envoy = Proc("envoy", [bench.envoy, "-c", str(dump(config, tmp_path / "envoy.yaml")),
-                               "--disable-hot-restart", "--log-level", "warn"],
-                     tmp_path / "envoy.log", _clean_env())
-        env = {**_clean_env(), "OTEL_EXPORTER_OTLP_ENDPOINT": bench.receiver.endpoint,
-               "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}
-        sidecar = Proc("sidecar", [sys.executable, "-m", "ext_proc", "serve", "--listen",
-                                   f"127.0.0.1:{ports.sidecar}"], tmp_path / "sidecar.log", env)
-        sidecar.start()
-        try:
-            wait_until(lambda: grpc_serving(f"127.0.0.1:{ports.sidecar}"), 30, "the sidecar")
-            envoy.start()
-            wait_until(lambda: http_ok(f"http://127.0.0.1:{ports.admin}/ready"), 30, "envoy")
-            url = f"http://127.0.0.1:{ports.listener}{BENCH_PATH}"
-            run_wrk(url, 1, tmp_path, threads=1, connections=4)  # warm up, exports flowing
-            assert sidecar.popen is not None
-            rss_before = _rss_kib(sidecar.popen.pid)
+    with Bench(BenchOptions(), tmp_path) as bench, \
+            bench.started("sidecar", tmp_path) as running:
+        sidecar, admin, url = running.sidecar, running.ports.admin, running.url
+        assert sidecar is not None and sidecar.popen is not None
+        run_wrk(url, 1, tmp_path, threads=1, connections=4)  # warm up, exports flowing
+        rss_before = _rss_kib(sidecar.popen.pid)
 
-            bench.receiver.stall()
-            stalled_at = time.monotonic()
-            during = run_wrk(url, STALL_S, tmp_path, threads=2, connections=32)
-            rss_during = _rss_kib(sidecar.popen.pid)
-            bench.receiver.resume()
-            stalled_s = time.monotonic() - stalled_at
+        bench.receiver.stall()
+        stalled_at = time.monotonic()
+        during = run_wrk(url, STALL_S, tmp_path, threads=2, connections=32)
+        rss_during = _rss_kib(sidecar.popen.pid)
+        bench.receiver.resume()
+        stalled_s = time.monotonic() - stalled_at
 
-            # wrk's last requests (cut off as it stops) are done before anything is counted
-            wait_until(lambda: envoy_stat(ports.admin, "http.ingress.downstream_rq_active")
-                       == 0, 10, "Envoy's requests to finish")
-            requests = envoy_stat(ports.admin, "http.ingress.downstream_rq_total")
-            failed_open = envoy_stat(ports.admin, "http.ingress.ext_proc.failure_mode_allowed")
-            # and the sidecar has caught up with its backlog (the client aborts among
-            # them included), so SIGTERM refuses no stream Envoy had already opened
-            wait_until(lambda: _exchanges(sidecar) >= requests - failed_open, 15,
-                       "the sidecar to finish every exchange")
-            assert sidecar.stop(timeout=30) == 0  # SIGTERM: drain the queue, flush
-            spans = bench.receiver.wait_for(requests, 30)
-        finally:
-            envoy.stop()
-            sidecar.stop()
+        # wrk's last requests (cut off as it stops) are done before anything is counted
+        wait_until(lambda: envoy_stat(admin, "http.ingress.downstream_rq_active") == 0, 10,
+                   "Envoy's requests to finish")
+        requests = envoy_stat(admin, REQUESTS_STAT)
+        failed_open = envoy_stat(admin, FAILED_OPEN_STAT)
+        # and the sidecar has caught up with its backlog (the client aborts among
+        # them included), so SIGTERM refuses no stream Envoy had already opened
+        wait_until(lambda: _exchanges(sidecar) >= requests - failed_open, 15,
+                   "the sidecar to finish every exchange")
+        assert sidecar.stop(timeout=30) == 0  # SIGTERM: drain the queue, flush
+        spans = bench.receiver.wait_for(requests, 30)
     print(f"\ncollector stalled {stalled_s:.1f} s under {during.rps:,.0f} req/s: "
           f"{during.requests} requests meanwhile, queue {DEFAULT_QUEUE_SIZE}; spans "
           f"{spans} / requests {requests}, failed open {failed_open}; sidecar RSS "
