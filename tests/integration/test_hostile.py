@@ -236,12 +236,10 @@ async def drive(srv: Running, sent: list[Message], metadata: list[tuple[str, str
 
 async def settled(srv: Running, within_s: float = 5.0) -> bool:
     """Whether every stream was released (closed and its span ended) in time."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within_s
-    while srv.sidecar.processor.active:
-        if loop.time() > deadline:
-            return False
-        await asyncio.sleep(0.005)
+    try:
+        await asyncio.wait_for(srv.sidecar.processor.drained(), within_s)
+    except TimeoutError:
+        return False
     return True
 
 

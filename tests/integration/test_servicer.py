@@ -156,11 +156,10 @@ async def test_stream_cancelled_before_the_response_is_an_error() -> None:
         await call.write(request_headers())
         await call.read()
         call.cancel()
-        assert await _wait(lambda: len(srv.spans()) == 1)
+        await released(srv)
         (span,) = srv.spans()
         assert span.status.status_code == StatusCode.ERROR
         assert span.attributes["error.type"] == "client_aborted"
-        assert await _wait(lambda: not srv.sidecar.processor.active)
 
 
 async def test_cancel_after_response_headers_ends_the_span_normally() -> None:
@@ -171,8 +170,9 @@ async def test_cancel_after_response_headers_ends_the_span_normally() -> None:
             await call.write(message)
             await call.read()
         call.cancel()  # Envoy's default (non-graceful) close
-        assert await _wait(lambda: len(srv.spans()) == 1)
-        assert srv.spans()[0].status.status_code == StatusCode.UNSET
+        await released(srv)
+        (span,) = srv.spans()
+        assert span.status.status_code == StatusCode.UNSET
 
 
 async def test_malformed_input_never_breaks_the_stream() -> None:
@@ -241,18 +241,13 @@ async def test_concurrent_streams_leave_no_state_behind() -> None:
             call.cancel()
 
         await asyncio.gather(*(finished(i) for i in range(30)), *(aborted(i) for i in range(30)))
-        assert await _wait(lambda: len(srv.spans()) == 60)
-        assert await _wait(lambda: not srv.sidecar.processor.active)
+        await released(srv)
+        assert len(srv.spans()) == 60
         errors = [s for s in srv.spans() if s.status.status_code == StatusCode.ERROR]
         assert {s.attributes["url.path"] for s in errors} == {f"/abort{i}" for i in range(30)}
 
 
-async def _wait(predicate: Any, limit_s: float = 5.0) -> bool:
-    """Wait on a condition (the server runs on this loop, so yield to it)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + limit_s
-    while not predicate():
-        if loop.time() > deadline:
-            return False
-        await asyncio.sleep(0.01)
-    return True
+async def released(srv: Running, limit_s: float = 5.0) -> None:
+    """Every stream the server took is closed and its span ended (the server's own
+    drained() event, bounded)."""
+    await asyncio.wait_for(srv.sidecar.processor.drained(), limit_s)
