@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import grpc
 from loguru import logger
@@ -23,6 +23,9 @@ from loguru import logger
 from ext_proc._gen.envoy.data.accesslog.v3 import accesslog_pb2 as log_pb
 from ext_proc._gen.envoy.service.accesslog.v3 import als_pb2 as pb
 from ext_proc._gen.envoy.service.accesslog.v3 import als_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from ext_proc import h2grpc
 
 SERVICE_NAME: Final = "envoy.service.accesslog.v3.AccessLogService"
 
@@ -153,7 +156,7 @@ class AccessLogService(pb_grpc.AccessLogServiceServicer):
         self.streams = 0  # open ALS streams (one per Envoy worker and log config)
         self.connected = False  # an ALS stream has been seen: Envoy sends us its log
 
-    def register(self, server: grpc.aio.Server) -> None:
+    def register(self, server: grpc.aio.Server | h2grpc.Server) -> None:
         """Serve this servicer on `server` (before it starts)."""
         pb_grpc.add_AccessLogServiceServicer_to_server(self, server)
 

@@ -14,6 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from loguru import logger
 
 import ext_proc
+from ext_proc import h2grpc
 from ext_proc._gen.envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from ext_proc.access_log import AccessLog
 from ext_proc.access_log_join import AccessLogJoin
@@ -37,6 +38,7 @@ from ext_proc.tenants import TenantResolver
 from ext_proc.tls import bind
 
 SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
+PROCESS_METHOD = f"/{SERVICE_NAME}/Process"
 
 
 @dataclass
@@ -47,7 +49,7 @@ class Sidecar:
     telemetry: Telemetry
     processor: ExternalProcessor
     health: health.aio.HealthServicer
-    server: grpc.aio.Server
+    server: grpc.aio.Server | h2grpc.Server
     rejections: Rejections
     sampling: SamplingPolicy
     port: int = 0
@@ -155,14 +157,9 @@ def build_sidecar(settings: Settings, telemetry: Telemetry | None = None) -> Sid
     )
     processor = ExternalProcessor(deps, RouteOptionsCache(settings.propagation),
                                   phase_timer=observability.phase_timer)
-    observability.watch(lambda: len(processor.active), rejections.snapshot)
-    server = grpc.aio.server(options=[
-        ("grpc.max_concurrent_streams", settings.server.max_concurrent_streams),
-        ("grpc.max_receive_message_length", settings.server.max_receive_message_bytes),
-        # Off for one process, so a taken port is an error; on when several workers
-        # share the port (ext_proc.workers).
-        ("grpc.so_reuseport", int(settings.server.workers > 1)),
-    ])
+    server = build_server(settings)
+    observability.watch(lambda: len(processor.active), rejections.snapshot,
+                        shed=lambda: getattr(server, "shed", 0))
     pb_grpc.add_ExternalProcessorServicer_to_server(processor, server)
     if join is not None:
         join.service.register(server)
@@ -170,6 +167,25 @@ def build_sidecar(settings: Settings, telemetry: Telemetry | None = None) -> Sid
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     return Sidecar(settings, telemetry, processor, health_servicer, server, rejections,
                    sampling, sampling_digest=digest, observability=observability, join=join)
+
+
+def build_server(settings: Settings) -> grpc.aio.Server | h2grpc.Server:
+    """The gRPC server of `server.engine`, no services yet."""
+    server_settings = settings.server
+    # SO_REUSEPORT off for one process, so a taken port is an error; on when several
+    # workers share the port (ext_proc.workers).
+    reuse_port = server_settings.workers > 1
+    if server_settings.engine == "h2":
+        return h2grpc.Server(
+            max_concurrent_streams=server_settings.max_concurrent_streams,
+            max_receive_message_length=server_settings.max_receive_message_bytes,
+            reuse_port=reuse_port, max_backlog=server_settings.max_backlog,
+            sheddable=(PROCESS_METHOD,))
+    return grpc.aio.server(options=[
+        ("grpc.max_concurrent_streams", server_settings.max_concurrent_streams),
+        ("grpc.max_receive_message_length", server_settings.max_receive_message_bytes),
+        ("grpc.so_reuseport", int(reuse_port)),
+    ])
 
 
 class _SignalCatcher:

@@ -54,6 +54,22 @@ class ServerSettings(BaseModel):
         "auto",
         description="Event loop: auto (uvloop when installed), asyncio, or uvloop (required).",
     )
+    engine: Literal["h2", "grpcio"] = Field(
+        "h2",
+        description=(
+            "gRPC server: h2 (HTTP/2 on the event loop, ext_proc.h2grpc: about half the "
+            "CPU per request, see README, Performance) or grpcio (grpc.aio)."
+        ),
+    )
+    max_backlog: int = Field(
+        512, ge=1,
+        description=(
+            "h2 engine: ext_proc streams waiting to be served beyond which new ones are "
+            "answered UNAVAILABLE at once (Envoy lets those requests through untraced), so "
+            "an overloaded sidecar serves fresh streams within Envoy's message_timeout, not "
+            "stale ones, and its memory stays bounded. Counted in extproc.stream.shed."
+        ),
+    )
     max_receive_message_bytes: int = Field(
         4 * 1024 * 1024, ge=64 * 1024, le=64 * 1024 * 1024,
         description=(

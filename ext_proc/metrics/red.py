@@ -24,6 +24,7 @@ RESPONSE_BODY_SIZE: Final = "http.server.response.body.size"
 PHASE_DURATION: Final = "extproc.phase.duration"
 ACTIVE_STREAMS: Final = "extproc.stream.active"
 REJECTED_HEADERS: Final = "extproc.propagation.rejected"
+SHED_STREAMS: Final = "extproc.stream.shed"
 PHASE: Final = "extproc.phase"
 FORMAT: Final = "extproc.propagation.format"
 TENANT_ID: Final = "tenant.id"
@@ -133,6 +134,14 @@ class RuntimeMetrics:
         self._meter.create_observable_up_down_counter(
             ACTIVE_STREAMS, [callback], unit="{stream}",
             description="ext_proc streams open right now.")
+
+    def observe_shed(self, shed: Callable[[], int]) -> None:
+        def callback(_options: CallbackOptions) -> Iterable[Observation]:
+            return [Observation(shed())]
+        self._meter.create_observable_counter(
+            SHED_STREAMS, [callback], unit="{stream}",
+            description="ext_proc streams refused at once (UNAVAILABLE) because too many "
+                        "were waiting to be served (server.max_backlog): untraced requests.")
 
     def observe_rejections(self, snapshot: Callable[[], dict[str, int]]) -> None:
         def callback(_options: CallbackOptions) -> Iterable[Observation]:

@@ -44,12 +44,15 @@ class Observability:
         return runtime.phase_done if runtime is not None else None
 
     def watch(self, active_streams: Callable[[], int],
-              rejections: Callable[[], dict[str, int]]) -> None:
+              rejections: Callable[[], dict[str, int]],
+              shed: Callable[[], int] | None = None) -> None:
         """Observe live values of the built app (called once)."""
         runtime = self.metrics.runtime if self.metrics else None
         if runtime is not None:
             runtime.observe_streams(active_streams)
             runtime.observe_rejections(rejections)
+            if shed is not None:
+                runtime.observe_shed(shed)
 
     async def start(self, ready: Callable[[], bool],
                     config: Callable[[], dict[str, object]] | None = None) -> int | None:

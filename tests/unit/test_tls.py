@@ -169,33 +169,40 @@ async def health_check(port: int, credentials: grpc.ChannelCredentials | None) -
         return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
 
-async def test_mtls_listener_serves_a_client_with_a_certificate(pki: Pki) -> None:
-    async with tls_sidecar(**tls_server(pki)) as sidecar:
+@pytest.fixture(params=["h2", "grpcio"])
+def engine(request: pytest.FixtureRequest) -> str:
+    """Both gRPC servers (server.engine) enforce the same transport security."""
+    return str(request.param)
+
+
+async def test_mtls_listener_serves_a_client_with_a_certificate(pki: Pki, engine: str) -> None:
+    async with tls_sidecar(**tls_server(pki), engine=engine) as sidecar:
         assert await health_check(sidecar.port, channel_credentials(
             pki, pki.client_cert, pki.client_key)) == "SERVING"
 
 
 @pytest.mark.parametrize("client", ["plaintext", "no-cert", "rogue-cert"])
-async def test_mtls_listener_refuses_other_clients(pki: Pki, client: str) -> None:
+async def test_mtls_listener_refuses_other_clients(pki: Pki, client: str, engine: str) -> None:
     credentials = {
         "plaintext": None,
         "no-cert": channel_credentials(pki),
         "rogue-cert": channel_credentials(pki, pki.rogue_cert, pki.rogue_key),
     }[client]
-    async with tls_sidecar(**tls_server(pki)) as sidecar:
+    async with tls_sidecar(**tls_server(pki), engine=engine) as sidecar:
         assert await health_check(sidecar.port, credentials) == "UNAVAILABLE"
         # and the listener still serves a proper client afterwards
         assert await health_check(sidecar.port, channel_credentials(
             pki, pki.client_cert, pki.client_key)) == "SERVING"
 
 
-async def test_optional_client_cert(pki: Pki) -> None:
-    async with tls_sidecar(**tls_server(pki, require_client_cert=False)) as sidecar:
+async def test_optional_client_cert(pki: Pki, engine: str) -> None:
+    async with tls_sidecar(**tls_server(pki, require_client_cert=False),
+                           engine=engine) as sidecar:
         assert await health_check(sidecar.port, channel_credentials(pki)) == "SERVING"
 
 
-async def test_server_only_tls(pki: Pki) -> None:
-    async with tls_sidecar(**tls_server(pki, mutual=False)) as sidecar:
+async def test_server_only_tls(pki: Pki, engine: str) -> None:
+    async with tls_sidecar(**tls_server(pki, mutual=False), engine=engine) as sidecar:
         assert await health_check(sidecar.port, channel_credentials(pki)) == "SERVING"
         assert await health_check(sidecar.port, None) == "UNAVAILABLE"
 
