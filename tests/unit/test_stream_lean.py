@@ -105,3 +105,20 @@ async def test_the_access_log_gives_an_aborted_lean_request_its_real_duration() 
     assert span.start_time is not None and span.end_time is not None
     assert span.end_time - span.start_time == 30_000_000_000  # not the stream's close
     assert (span.attributes or {})["error.type"] == "client_aborted"
+
+
+async def test_a_stream_envoy_reset_waits_only_the_join_timeout() -> None:
+    """Envoy reset it (message_timeout, client abort): its entry comes when the request
+    ends, which is now; it must not wait response_wait_s (Envoy may have dropped the
+    entry under the very overload that made it give up)."""
+    rig = Rig()
+    assert rig.join is not None
+    lean, reset = StreamSession(rig.deps), StreamSession(rig.deps)
+    rig.answer(lean, "lean")
+    rig.answer(reset, "reset")
+    lean.close()
+    reset.cancelled = True
+    reset.close()
+    assert rig.join.awaiting.pending() == 1  # the lean one: its request runs on
+    assert rig.join.finalizer.pending() == 1  # the reset one: join_timeout_s
+    assert rig.join.finalizer.is_parked("reset") and rig.join.awaiting.is_parked("lean")
