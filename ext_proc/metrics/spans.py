@@ -45,10 +45,11 @@ def _env_int(env: Mapping[str, str], name: str, default: int) -> int:
 
 
 # Spans held while the collector is slow or away (OTEL_BSP_MAX_QUEUE_SIZE overrides).
-# The SDK's 2048 holds under 2 s of one process at saturation (~1,300 spans/s); 8192
-# holds ~6 s, so a 4 s collector stall loses nothing (tests/e2e/test_collector_stall.py:
-# 43 % lost with 2048), for ~4 KiB of memory per queued span (docs/reliability.md).
-DEFAULT_QUEUE_SIZE: Final = 8192
+# One process at saturation makes ~2,500-3,400 spans/s with the h2 engine; 16384 holds
+# ~5 s of that, so a 4 s collector stall loses nothing (tests/e2e/test_collector_stall.py:
+# 21 % lost with 8192, 43 % with the SDK's 2048 under grpc.aio's lower rate), for
+# ~4.4 KiB of memory per queued span (docs/reliability.md, section 3b).
+DEFAULT_QUEUE_SIZE: Final = 16384
 
 
 class SpanPipelineStats:

@@ -20,6 +20,7 @@ from ext_proc.metrics.spans import (
     PROCESSED,
     QUEUE_CAPACITY,
     QUEUE_SIZE,
+    DEFAULT_QUEUE_SIZE,
     BoundedSpanProcessor,
     SpanPipelineStats,
 )
@@ -147,7 +148,7 @@ def test_unsampled_spans_never_enter_the_queue() -> None:
     assert stats.in_flight == 0 and stats.handed == 0 and exporter.get_finished_spans() == ()
 
 
-@pytest.mark.parametrize(("value", "expected"), [("100", 100), ("junk", 8192), ("-1", 8192)])
+@pytest.mark.parametrize(("value", "expected"), [("100", 100), ("junk", DEFAULT_QUEUE_SIZE), ("-1", DEFAULT_QUEUE_SIZE)])
 def test_queue_capacity_from_env(value: str, expected: int) -> None:
     stats = SpanPipelineStats()
     BoundedSpanProcessor(InMemorySpanExporter(), stats, {"OTEL_BSP_MAX_QUEUE_SIZE": value}) \
