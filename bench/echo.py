@@ -6,8 +6,9 @@ runs behind the same Envoy config as the sidecar. ``make bench`` runs it as the
 opt-in rows ``echo-*`` (BENCH_CONFIGS): what the gRPC server alone costs per
 request, i.e. the most a change to our own code can win. Modes:
 
-- ``aio`` (default): grpc.aio, the response stream an async generator (the sidecar's
-  shape);
+- ``h2`` (default): the sidecar's own server (``ext_proc.h2grpc``, the default
+  ``server.engine``), the response stream an async generator (the sidecar's shape);
+- ``aio``: the same servicer on grpc.aio (``server.engine: grpcio``);
 - ``aio-rw``: grpc.aio, ``context.read()``/``context.write()`` instead of iterators;
 - ``sync``: grpcio's thread-pool server.
 """
@@ -26,12 +27,13 @@ from typing import Any, Final
 
 import grpc
 
+from ext_proc import h2grpc
 from ext_proc._gen.envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from ext_proc._gen.envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from ext_proc._gen.envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from ext_proc.responses import empty_response
 
-MODES: Final = ("aio", "aio-rw", "sync")
+MODES: Final = ("h2", "aio", "aio-rw", "sync")
 
 
 _BUSY_NS: Final = int(float(os.environ.get("ECHO_BUSY_US", "0")) * 1000)
@@ -83,7 +85,8 @@ class SyncDrain(als_pb2_grpc.AccessLogServiceServicer):
 
 
 async def _serve_aio(port: int, mode: str) -> None:
-    server = grpc.aio.server()
+    server: grpc.aio.Server | h2grpc.Server = \
+        h2grpc.Server() if mode == "h2" else grpc.aio.server()
     pb_grpc.add_ExternalProcessorServicer_to_server(
         AioReadWriteEcho() if mode == "aio-rw" else AioEcho(), server)
     als_pb2_grpc.add_AccessLogServiceServicer_to_server(AioDrain(), server)
@@ -114,7 +117,7 @@ def _serve_sync(port: int) -> None:
 
 
 def main(argv: list[str]) -> None:
-    port, mode = int(argv[0]), (argv[1] if len(argv) > 1 else "aio")
+    port, mode = int(argv[0]), (argv[1] if len(argv) > 1 else "h2")
     if mode not in MODES:
         raise SystemExit(f"mode {mode!r}: use one of {MODES}")
     if mode == "sync":

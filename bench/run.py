@@ -98,7 +98,7 @@ class BenchOptions:
                        if self.workers > 1 else "Envoy + extproc-otel (1 process, workers.yaml)",
             **{name: f"Envoy + extproc-otel (1 process, {name.removeprefix('sidecar-')})"
                for name in SIDECAR_AB},
-            "echo": "Envoy + grpc.aio echo, no tracing (floor)",
+            "echo": "Envoy + echo server, no tracing (floor)",
             **{name: f"Envoy + echo ({name.removeprefix('echo-')}), no tracing"
                for name in ECHO if name != "echo"},
             "baseline": f"Envoy + extproc-otel @ {self.baseline} (1 process)",

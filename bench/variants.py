@@ -11,8 +11,9 @@ what traces the request:
 - ``sidecar``: the shipped config, one sidecar process;
 - ``workers``: the shipped config with ``envoy/envoy-workers.yaml``'s processor
   cluster settings, N sidecar processes;
-- ``echo``: the shipped config, with ``bench/echo.py`` instead of the sidecar: a
-  grpc.aio ext_proc server that only answers. The floor under any Python sidecar.
+- ``echo``: the shipped config, with ``bench/echo.py`` instead of the sidecar: an
+  ext_proc server that only answers, on the sidecar's own gRPC server
+  (``ext_proc.h2grpc``). The floor under the sidecar.
 """
 
 from __future__ import annotations
@@ -152,11 +153,13 @@ SIDECAR_AB: Final = {
     "sidecar-full": {},
     "sidecar-noexport": {"OTEL_TRACES_EXPORTER": "none"},
     "sidecar-als0": {},
+    "sidecar-grpcio": {"EXTPROC_SERVER__ENGINE": "grpcio"},
 }
 # Opt-in rows: the floor, bench/echo.py (answers only) in a mode, behind the shipped
 # config or, with "-full", envoy-full.yaml.
-ECHO: Final = {"echo": "aio", "echo-full": "aio", "echo-rw": "aio-rw",
-               "echo-sync": "sync", "echo-sync-full": "sync", "echo-busy75": "aio"}
+ECHO: Final = {"echo": "h2", "echo-full": "h2", "echo-grpcio": "aio",
+               "echo-grpcio-full": "aio", "echo-rw": "aio-rw", "echo-sync": "sync",
+               "echo-sync-full": "sync", "echo-busy75": "h2"}
 # echo-busy75: 75 us of CPU per answered message (150 per request), about what our
 # own code costs per request (bench.hotpath): how much gRPC's share grows with it.
 ECHO_ENV: Final = {"echo-busy75": {"ECHO_BUSY_US": "75"}}
