@@ -53,6 +53,7 @@ class ServerTls:
             raise TransportSecurityError("TLS material without its files")
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_COMPRESSION  # RFC 9113 9.2
         try:
             context.load_cert_chain(self.certificate_file, self.key_file)
         except (ssl.SSLError, OSError) as exc:

@@ -103,6 +103,11 @@ class Call:
         self._half_closed = True
         self._wake()
 
+    @property
+    def half_closed(self) -> bool:
+        """The peer has sent everything (END_STREAM), or a bad message ended it."""
+        return self._half_closed
+
     def fail(self, error: AbortError) -> None:
         """End the call with `error` (bad message, oversized message)."""
         if self._error is None:

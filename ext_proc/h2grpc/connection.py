@@ -1,8 +1,8 @@
 """One HTTP/2 connection (asyncio protocol): frames in, calls dispatched, frames out.
 
 The h2 library keeps the protocol state (HPACK, flow control, stream states,
-SETTINGS and PING answers); this class maps streams to `Call`s and batches
-everything the calls send within one event-loop turn into one write.
+SETTINGS and PING answers); this class maps streams to `Call`s. The sending side
+(`Outbound`) batches what the calls send within one event-loop turn into one write.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import h2.settings
 from loguru import logger
 
 from ext_proc.h2grpc.call import RESPONSE_HEADERS, AbortError, Call, Headers, trailers
+from ext_proc.h2grpc.outbound import Outbound
 
 if TYPE_CHECKING:
     from ext_proc.h2grpc.server import Server
@@ -60,24 +61,16 @@ def _unimplemented(path: bytes) -> Headers:
                                        f"Method not found: {path.decode('latin-1')}")
 
 
-class Connection(asyncio.Protocol):
+class Connection(Outbound, asyncio.Protocol):
     def __init__(self, server: Server) -> None:
-        self._server = server
-        self.loop = asyncio.get_running_loop()
-        self.calls: dict[int, Call] = {}
-        self._pending: dict[int, list[Any]] = {}  # stream -> [bytes waiting for window, trailers]
-        self._transport: asyncio.Transport | None = None
-        self._flush_scheduled = False
-        self._closed = False
-        self.peer = ""
-        settings = h2.settings.Settings(client=False, initial_values={
+        connection = h2.connection.H2Connection(_CONFIG)
+        connection.local_settings = h2.settings.Settings(client=False, initial_values={
             h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: server.max_concurrent_streams,
             h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: _WINDOW,
             h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: 16 * 1024,
         })
-        self._h2 = h2.connection.H2Connection(_CONFIG)
-        self._h2.local_settings = settings
-        self._h2.state_machine = _DrainingStateMachine()
+        connection.state_machine = _DrainingStateMachine()
+        super().__init__(server, connection)
 
     # -- asyncio.Protocol -----------------------------------------------------
 
@@ -92,12 +85,13 @@ class Connection(asyncio.Protocol):
         self._flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._closed = True
+        self._closed = self._lost = True
         self._server.connections.discard(self)
         for call in list(self.calls.values()):
             call.reset()
         self.calls.clear()
         self._pending.clear()
+        self._server.output_drained()
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -109,29 +103,50 @@ class Connection(asyncio.Protocol):
             self.close()
             return
         for event in events:
-            kind = type(event)
-            if kind is h2.events.DataReceived:
-                self._on_data(event)
-            elif kind is h2.events.RequestReceived:
-                self._on_request(event)
-            elif kind is h2.events.StreamEnded:
-                call = self.calls.get(event.stream_id)
-                if call is not None:
-                    if call.buffer:
-                        call.fail(AbortError(grpc.StatusCode.INTERNAL,
-                                             "stream ended inside a message"))
-                    call.end_of_requests()
-            elif kind is h2.events.StreamReset:
-                self._pending.pop(event.stream_id, None)
-                call = self.calls.pop(event.stream_id, None)
-                if call is not None:
-                    call.reset()
-            elif kind is h2.events.WindowUpdated:
-                self._resume(event.stream_id)
-            elif kind is h2.events.ConnectionTerminated:
-                if not self.calls:
-                    self.close()
+            try:
+                self._on_event(event)
+            except Exception:  # one stream's trouble must not end the others
+                sid = getattr(event, "stream_id", 0)
+                logger.opt(exception=True).debug("HTTP/2 event failed", peer=self.peer,
+                                                 stream_id=sid)
+                if sid:
+                    self._drop(sid, h2.errors.ErrorCodes.INTERNAL_ERROR)
         self._flush()
+
+    def _on_event(self, event: Any) -> None:
+        kind = type(event)
+        if kind is h2.events.DataReceived:
+            self._on_data(event)
+        elif kind is h2.events.RequestReceived:
+            self._on_request(event)
+        elif kind is h2.events.StreamEnded:
+            call = self.calls.get(event.stream_id)
+            if call is not None:
+                if call.buffer:
+                    call.fail(AbortError(grpc.StatusCode.INTERNAL,
+                                         "stream ended inside a message"))
+                call.end_of_requests()
+        elif kind is h2.events.StreamReset:
+            self._pending.pop(event.stream_id, None)
+            call = self.calls.pop(event.stream_id, None)
+            if call is not None:
+                call.reset()
+            self._close_if_drained()
+        elif kind is h2.events.WindowUpdated:
+            self._resume(event.stream_id)
+        elif kind is h2.events.RemoteSettingsChanged:
+            if h2.settings.SettingCodes.INITIAL_WINDOW_SIZE in event.changed_settings:
+                self._resume(0)  # h2 resized every stream window: no WindowUpdated
+        elif kind is h2.events.ConnectionTerminated:
+            self._close_if_drained()
+
+    def _drop(self, sid: int, code: int) -> None:
+        """Reset stream `sid` and forget its call (the connection carries on)."""
+        self._pending.pop(sid, None)
+        call = self.calls.pop(sid, None)
+        if call is not None:
+            call.reset()
+        self._send(lambda: self._h2.reset_stream(sid, code))
 
     # -- inbound ----------------------------------------------------------------
 
@@ -140,13 +155,17 @@ class Connection(asyncio.Protocol):
         path = next((v for k, v in headers if k == b":path"), b"")
         handler = self._server.handler(path)
         sid = event.stream_id
+        if self._goaway_last is not None and sid > self._goaway_last:
+            # opened as our GOAWAY crossed it: the peer counts it as refused
+            self._send(lambda: self._h2.reset_stream(sid, h2.errors.ErrorCodes.REFUSED_STREAM))
+            return
         if handler is None:
-            self._h2.send_headers(sid, _unimplemented(path), end_stream=True)
+            self.send_headers(sid, _unimplemented(path), end_stream=True)
             return
         server = self._server
         if server.backlog >= server.max_backlog and path in server.sheddable:
             server.shed += 1  # overloaded: the peer proceeds without us at once
-            self._h2.send_headers(sid, _OVERLOADED, end_stream=True)
+            self.send_headers(sid, _OVERLOADED, end_stream=True)
             return
         server.backlog += 1
         call = Call(self, sid, handler, headers)
@@ -196,95 +215,7 @@ class Connection(asyncio.Protocol):
         if not call.finished:  # cancelled by the server's stop: tell the peer
             call.finished = True
             self._send(lambda: self._h2.reset_stream(sid, h2.errors.ErrorCodes.CANCEL))
-        if not self.calls and self._h2.state_machine.state is h2.connection.ConnectionState.CLOSED:
-            self.close()
-
-    # -- outbound ---------------------------------------------------------------
-
-    def _send(self, action: Any) -> None:
-        if self._closed:
-            return
-        try:
-            action()
-        except h2.exceptions.StreamClosedError:
-            pass  # the peer reset it meanwhile
-        except h2.exceptions.ProtocolError as exc:
-            logger.debug("HTTP/2 send failed", peer=self.peer, error=str(exc))
-        self._schedule_flush()
-
-    def send_headers(self, sid: int, headers: Headers, end_stream: bool = False) -> None:
-        self._send(lambda: self._h2.send_headers(sid, headers, end_stream=end_stream))
-
-    def send_data(self, sid: int, data: bytes) -> None:
-        pending = self._pending.get(sid)
-        if pending is not None:  # keep order behind what waits for window
-            pending[0] += data
-            return
-        self._pending[sid] = [bytearray(data), None]
-        self._resume(sid)
-
-    def send_trailers(self, sid: int, block: Headers) -> None:
-        pending = self._pending.get(sid)
-        if pending is not None:
-            pending[1] = block
-            return
-        self.send_headers(sid, block, end_stream=True)
-
-    def _resume(self, sid: int) -> None:
-        """Send what flow control allows of the pending data of `sid` (all, when 0)."""
-        for stream_id in (list(self._pending) if sid == 0 else [sid]):
-            pending = self._pending.get(stream_id)
-            if pending is None:
-                continue
-            data: bytearray = pending[0]
-            try:
-                while data:
-                    size = min(len(data), self._h2.local_flow_control_window(stream_id),
-                               self._h2.max_outbound_frame_size)
-                    if size <= 0:
-                        break
-                    self._h2.send_data(stream_id, bytes(data[:size]))
-                    del data[:size]
-            except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
-                del self._pending[stream_id]
-                continue
-            if not data:
-                del self._pending[stream_id]
-                if pending[1] is not None:
-                    self.send_headers(stream_id, pending[1], end_stream=True)
-            self._schedule_flush()
-
-    def _schedule_flush(self) -> None:
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self.loop.call_soon(self._flush)
-
-    def busy(self) -> bool:
-        """Calls are waiting for their handler to start (a burst)."""
-        return self._server.backlog > 0
-
-    def flush(self) -> None:
-        """Write what is queued now (the rest of this loop turn is batched)."""
-        self._flush()
-
-    def _flush(self) -> None:
-        self._flush_scheduled = False
-        data = self._h2.data_to_send()
-        if data and self._transport is not None and not self._closed:
-            self._transport.write(data)
-
-    def goaway(self) -> None:
-        """Tell the peer to open no more streams here (in-flight ones continue)."""
-        self._send(lambda: self._h2.close_connection())
-        self._flush()
-
-    def close(self, abort: bool = False) -> None:
-        """Close after writing what is queued; `abort`: at once (server stop: a TLS
-        close would wait for the peer's close_notify, up to 30 s, after our GOAWAY)."""
-        if self._transport is not None and not self._closed:
-            self._flush()
-            self._closed = True
-            if abort:
-                self._transport.abort()
-            else:
-                self._transport.close()
+        elif not call.half_closed and not call.cancelled() and sid not in self._pending:
+            # answered before the peer finished sending: it may stop now (RFC 9113 8.1)
+            self._send(lambda: self._h2.reset_stream(sid, h2.errors.ErrorCodes.NO_ERROR))
+        self._close_if_drained()

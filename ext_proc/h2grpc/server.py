@@ -4,10 +4,13 @@ the sidecar uses, so generated ``add_*Servicer_to_server`` functions work as is)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import ssl
 from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
+
+from loguru import logger
 
 from ext_proc.config.core import split_host_port
 from ext_proc.h2grpc.connection import Connection
@@ -39,6 +42,7 @@ class Server:
         self._listeners: list[asyncio.Server] = []
         self.connections: set[Connection] = set()
         self._stopped = asyncio.Event()
+        self._drained = asyncio.Event()  # set when a connection's pending output emptied
 
     # -- registration (what generated code calls) -------------------------------
 
@@ -54,8 +58,13 @@ class Server:
         found = self._methods.get(path)
         if found is None and self._generic and len(self._methods) < 4096:
             details = _Details(path.decode("latin-1"), ())
-            found = next((h for g in self._generic
-                          if (h := g.service(details)) is not None), None)
+            try:
+                found = next((h for g in self._generic
+                              if (h := g.service(details)) is not None), None)
+            except Exception:
+                logger.opt(exception=True).error("generic handler lookup failed",
+                                                 method=details.method)
+                return None
             if found is not None:
                 self._methods[path] = found
         return found
@@ -98,6 +107,10 @@ class Server:
             self._listeners.append(await loop.create_server(
                 lambda: Connection(self), sock=sock, ssl=context, backlog=1024))
 
+    def output_drained(self) -> None:
+        """A connection has no response bytes waiting for window any more."""
+        self._drained.set()
+
     def close(self) -> None:
         """Stop listening and send every connection a GOAWAY: no new calls; the open
         ones go on (`stop` waits for them)."""
@@ -111,8 +124,16 @@ class Server:
         self.close()
         tasks = [call.task for c in self.connections for call in c.calls.values()
                  if call.task is not None]
+        deadline = asyncio.get_running_loop().time() + (grace or 0)
         if grace and tasks:
             await asyncio.wait(tasks, timeout=grace)
+        while any(c.pending_output for c in self.connections):  # answers still to send
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                break
+            self._drained.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._drained.wait(), left)
         for task in tasks:
             task.cancel()
         if tasks:

@@ -15,12 +15,12 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 
 from ext_proc.devstack import wait_until
 from ext_proc.metrics.spans import (
+    DEFAULT_QUEUE_SIZE,
     EXPORT_DURATION,
     EXPORTED,
     PROCESSED,
     QUEUE_CAPACITY,
     QUEUE_SIZE,
-    DEFAULT_QUEUE_SIZE,
     BoundedSpanProcessor,
     SpanPipelineStats,
 )
@@ -148,7 +148,8 @@ def test_unsampled_spans_never_enter_the_queue() -> None:
     assert stats.in_flight == 0 and stats.handed == 0 and exporter.get_finished_spans() == ()
 
 
-@pytest.mark.parametrize(("value", "expected"), [("100", 100), ("junk", DEFAULT_QUEUE_SIZE), ("-1", DEFAULT_QUEUE_SIZE)])
+@pytest.mark.parametrize(("value", "expected"), [
+    ("100", 100), ("junk", DEFAULT_QUEUE_SIZE), ("-1", DEFAULT_QUEUE_SIZE)])
 def test_queue_capacity_from_env(value: str, expected: int) -> None:
     stats = SpanPipelineStats()
     BoundedSpanProcessor(InMemorySpanExporter(), stats, {"OTEL_BSP_MAX_QUEUE_SIZE": value}) \
