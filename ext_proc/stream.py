@@ -230,9 +230,7 @@ class StreamSession:
         finalizer = self._deps.finalizer
         request_id = self._facts.request_id if self._facts else None
         if finalizer is not None and request_id:
-            # A stream Envoy reset (client abort, message_timeout) is one it is done
-            # with: the entry comes when the request ends, so wait join_timeout_s, not
-            # response_wait_s (under overload Envoy drops access-log entries too).
+            # Envoy reset it (abort, message_timeout): its entry is due now (or dropped)
             finalizer.defer(request_id, lambda final: self._complete(end_ns, final),
                             responded=self._status is not None or self.cancelled)
         else:
