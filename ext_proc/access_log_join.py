@@ -21,7 +21,10 @@ class AccessLogJoin:
     An exchange whose response was seen waits up to `timeout_s` for its entry; one
     whose stream closed before any response (a client abort, or an Envoy that skips
     the response phase: the lean envoy/envoy.yaml) waits up to `response_wait_s`, since
-    the entry comes only when the request ends. Envoy opens its ALS stream with the
+    the entry comes only when the request ends. A stream Envoy reset (client abort,
+    message_timeout) counts as responded: its request is over or goes on untraced,
+    so its entry is due at once, or was dropped (Envoy drops entries under the
+    very overload that makes it time out). Envoy opens its ALS stream with the
     first entry it logs, so before that exchanges wait just the same; if no stream has
     come `probe_s` after the first exchange, Envoy is taken not to send one: waiting
     exchanges finish, and later ones finish at once (until a stream does come).

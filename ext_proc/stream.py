@@ -230,7 +230,6 @@ class StreamSession:
         finalizer = self._deps.finalizer
         request_id = self._facts.request_id if self._facts else None
         if finalizer is not None and request_id:
-            # Envoy reset it (abort, message_timeout): its entry is due now (or dropped)
             finalizer.defer(request_id, lambda final: self._complete(end_ns, final),
                             responded=self._status is not None or self.cancelled)
         else:
