@@ -159,7 +159,8 @@ def build_sidecar(settings: Settings, telemetry: Telemetry | None = None) -> Sid
                                   phase_timer=observability.phase_timer)
     server = build_server(settings)
     observability.watch(lambda: len(processor.active), rejections.snapshot,
-                        shed=lambda: getattr(server, "shed", 0))
+                        server=(lambda: getattr(server, "shed", 0),
+                                lambda: getattr(server, "protocol_errors", 0)))
     pb_grpc.add_ExternalProcessorServicer_to_server(processor, server)
     if join is not None:
         join.service.register(server)

@@ -18,7 +18,6 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
-from loguru import logger
 
 from ext_proc.h2grpc.call import RESPONSE_HEADERS, AbortError, Call, Headers, trailers
 from ext_proc.h2grpc.outbound import Outbound
@@ -97,18 +96,17 @@ class Connection(Outbound, asyncio.Protocol):
         try:
             events: list[Any] = self._h2.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
-            logger.debug("HTTP/2 protocol error: closing the connection: {}", exc, peer=self.peer,
-                         error=str(exc))
+            self._server.protocol_error("HTTP/2 protocol error: connection closed",
+                                        self.peer, exc)
             self._flush()  # h2 queued a GOAWAY
             self.close()
             return
         for event in events:
             try:
                 self._on_event(event)
-            except Exception:  # one stream's trouble must not end the others
+            except Exception as exc:  # one stream's trouble must not end the others
                 sid = getattr(event, "stream_id", 0)
-                logger.opt(exception=True).debug("HTTP/2 event failed", peer=self.peer,
-                                                 stream_id=sid)
+                self._server.protocol_error("HTTP/2 event failed: stream reset", self.peer, exc)
                 if sid:
                     self._drop(sid, h2.errors.ErrorCodes.INTERNAL_ERROR)
         self._flush()

@@ -7,13 +7,16 @@ import asyncio
 import contextlib
 import socket
 import ssl
+import time
 from collections.abc import Iterable, Mapping
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple
 
 from loguru import logger
 
 from ext_proc.config.core import split_host_port
 from ext_proc.h2grpc.connection import Connection
+
+LOG_INTERVAL_S: Final = 10.0
 
 
 class _Details(NamedTuple):  # grpc.HandlerCallDetails for generic handlers
@@ -34,6 +37,9 @@ class Server:
         self.sheddable = frozenset(path.encode() for path in sheddable)
         self.backlog = 0  # calls created whose handler has not started yet
         self.shed = 0  # calls refused because of the backlog
+        self.protocol_errors = 0  # connections or streams ended by bad HTTP/2 input
+        self._logged_at = -LOG_INTERVAL_S
+        self._unlogged = 0
         self.max_receive_message_length = max_receive_message_length
         self._reuse_port = reuse_port
         self._methods: dict[bytes, Any] = {}
@@ -106,6 +112,17 @@ class Server:
         for sock, context in self._sockets:
             self._listeners.append(await loop.create_server(
                 lambda: Connection(self), sock=sock, ssl=context, backlog=1024))
+
+    def protocol_error(self, what: str, peer: str, error: BaseException) -> None:
+        """Count bad input from a peer; log it at DEBUG at most every LOG_INTERVAL_S."""
+        self.protocol_errors += 1
+        now = time.monotonic()
+        if now - self._logged_at < LOG_INTERVAL_S:
+            self._unlogged += 1
+            return
+        self._logged_at, suppressed, self._unlogged = now, self._unlogged, 0
+        logger.opt(exception=error).debug(what, peer=peer, error=str(error),
+                                          suppressed=suppressed)
 
     def output_drained(self) -> None:
         """A connection has no response bytes waiting for window any more."""

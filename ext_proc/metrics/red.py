@@ -25,6 +25,7 @@ PHASE_DURATION: Final = "extproc.phase.duration"
 ACTIVE_STREAMS: Final = "extproc.stream.active"
 REJECTED_HEADERS: Final = "extproc.propagation.rejected"
 SHED_STREAMS: Final = "extproc.stream.shed"
+PROTOCOL_ERRORS: Final = "extproc.grpc.protocol_errors"
 PHASE: Final = "extproc.phase"
 FORMAT: Final = "extproc.propagation.format"
 TENANT_ID: Final = "tenant.id"
@@ -135,13 +136,22 @@ class RuntimeMetrics:
             ACTIVE_STREAMS, [callback], unit="{stream}",
             description="ext_proc streams open right now.")
 
-    def observe_shed(self, shed: Callable[[], int]) -> None:
-        def callback(_options: CallbackOptions) -> Iterable[Observation]:
+    def observe_server(self, shed: Callable[[], int],
+                       protocol_errors: Callable[[], int]) -> None:
+        """The h2 engine's counters: load shed, bad HTTP/2 input."""
+        def shed_callback(_options: CallbackOptions) -> Iterable[Observation]:
             return [Observation(shed())]
+
+        def errors_callback(_options: CallbackOptions) -> Iterable[Observation]:
+            return [Observation(protocol_errors())]
         self._meter.create_observable_counter(
-            SHED_STREAMS, [callback], unit="{stream}",
+            SHED_STREAMS, [shed_callback], unit="{stream}",
             description="ext_proc streams refused at once (UNAVAILABLE) because too many "
                         "were waiting to be served (server.max_backlog): untraced requests.")
+        self._meter.create_observable_counter(
+            PROTOCOL_ERRORS, [errors_callback], unit="{error}",
+            description="Connections or streams the gRPC server ended for bad HTTP/2 input "
+                        "(logged at debug, at most every 10 s).")
 
     def observe_rejections(self, snapshot: Callable[[], dict[str, int]]) -> None:
         def callback(_options: CallbackOptions) -> Iterable[Observation]:

@@ -45,14 +45,14 @@ class Observability:
 
     def watch(self, active_streams: Callable[[], int],
               rejections: Callable[[], dict[str, int]],
-              shed: Callable[[], int] | None = None) -> None:
+              server: tuple[Callable[[], int], Callable[[], int]] | None = None) -> None:
         """Observe live values of the built app (called once)."""
         runtime = self.metrics.runtime if self.metrics else None
         if runtime is not None:
             runtime.observe_streams(active_streams)
             runtime.observe_rejections(rejections)
-            if shed is not None:
-                runtime.observe_shed(shed)
+            if server is not None:  # (streams shed, protocol errors) of the h2 engine
+                runtime.observe_server(*server)
 
     async def start(self, ready: Callable[[], bool],
                     config: Callable[[], dict[str, object]] | None = None) -> int | None:

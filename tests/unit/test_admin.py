@@ -146,6 +146,9 @@ async def test_sidecar_is_not_ready_while_shutting_down(monkeypatch: pytest.Monk
     assert (await get(admin, "/healthz"))[0] == 200
     _, _, metrics = await get(admin, "/metrics")
     assert b"extproc_stream_active 1" in metrics
+    # the h2 engine's counters: nothing shed, no bad HTTP/2 input
+    assert b"extproc_stream_shed_total 0" in metrics
+    assert b"extproc_grpc_protocol_errors_total 0" in metrics
     await call.done_writing()
     await asyncio.wait_for(stopping, 10)
     await channel.close()

@@ -221,13 +221,14 @@ async def test_stop_cancels_what_outlives_the_grace_and_stops_listening() -> Non
 
 
 async def test_protocol_garbage_closes_that_connection_only() -> None:
-    async with serving() as (_, _, target), grpc.aio.insecure_channel(target) as channel:
+    async with serving() as (_, server, target), grpc.aio.insecure_channel(target) as channel:
         host, port = target.split(":")
         reader, writer = await asyncio.open_connection(host, int(port))
         writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 4)  # not HTTP/2
         await writer.drain()
         assert await asyncio.wait_for(_read_to_eof(reader), 5)  # closed by the server
         writer.close()
+        assert server.protocol_errors == 1  # counted (and logged at debug, rate-limited)
         call = pb_grpc.ExternalProcessorStub(channel).Process()
         await call.write(headers_request())
         assert answers([await call.read()]) == ["request_headers"]
