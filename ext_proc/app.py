@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import FrameType
 
 import grpc
@@ -58,6 +58,7 @@ class Sidecar:
     join: AccessLogJoin | None = None
     observability: Observability | None = None
     serving: bool = False  # /readyz: the gRPC server serves and is not shutting down
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)  # set as stop() begins
     admin_port: int | None = None
 
     async def start(self) -> int:
@@ -95,6 +96,7 @@ class Sidecar:
         grace = self.settings.server.grace_s
         logger.info("stopping", grace_s=grace, active_streams=len(self.processor.active))
         self.serving = False
+        self.stopping.set()
         if self.rules_watcher is not None:
             await self.rules_watcher.stop()
         await self.health.enter_graceful_shutdown()

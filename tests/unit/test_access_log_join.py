@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from ext_proc.access_log_join import AccessLogJoin
 from ext_proc.access_log_service import FinalFacts
 
@@ -67,8 +69,8 @@ async def test_settled_returns_once_every_waiting_exchange_is_joined() -> None:
     join.defer("done", got.append)
     settled = asyncio.ensure_future(join.settled())
     join.deliver(facts("done"))
-    await asyncio.sleep(0)  # one turn of the loop: still one exchange waiting
-    assert not settled.done()
+    with pytest.raises(TimeoutError):  # still one exchange waiting: it does not return
+        await asyncio.wait_for(asyncio.shield(settled), 0.05)
     join.deliver(facts("in-flight"))
     await asyncio.wait_for(settled, 1)
     assert {f.request_id for f in got if f} == {"done", "in-flight"}

@@ -134,15 +134,8 @@ async def test_sidecar_is_not_ready_while_shutting_down(monkeypatch: pytest.Monk
     await call.write(pb.ProcessingRequest(request_headers=pb.HttpHeaders()))
     await call.read()  # the stream is open and answered; keep it in flight
     stopping = asyncio.create_task(sidecar.stop())
-
-    async def ready_status() -> int:
-        for _ in range(500):  # stop() flips readiness first; bounded re-check while it runs
-            status = (await get(admin, "/readyz"))[0]
-            if status == 503:
-                return status
-            await asyncio.sleep(0)
-        return status
-    assert await asyncio.wait_for(ready_status(), 5) == 503
+    await asyncio.wait_for(sidecar.stopping.wait(), 5)  # stop() has begun
+    assert (await get(admin, "/readyz"))[0] == 503
     assert (await get(admin, "/healthz"))[0] == 200
     _, _, metrics = await get(admin, "/metrics")
     assert b"extproc_stream_active 1" in metrics
