@@ -7,16 +7,14 @@ import asyncio
 import contextlib
 import socket
 import ssl
-import time
 from collections.abc import Iterable, Mapping
-from typing import Any, Final, NamedTuple
+from typing import Any, NamedTuple
 
 from loguru import logger
 
 from ext_proc.config.core import split_host_port
 from ext_proc.h2grpc.connection import Connection
-
-LOG_INTERVAL_S: Final = 10.0
+from ext_proc.throttle import Throttle
 
 
 class _Details(NamedTuple):  # grpc.HandlerCallDetails for generic handlers
@@ -38,8 +36,7 @@ class Server:
         self.backlog = 0  # calls created whose handler has not started yet
         self.shed = 0  # calls refused because of the backlog
         self.protocol_errors = 0  # connections or streams ended by bad HTTP/2 input
-        self._logged_at = -LOG_INTERVAL_S
-        self._unlogged = 0
+        self._error_log = Throttle()
         self.max_receive_message_length = max_receive_message_length
         self._reuse_port = reuse_port
         self._methods: dict[bytes, Any] = {}
@@ -114,13 +111,11 @@ class Server:
                 lambda: Connection(self), sock=sock, ssl=context, backlog=1024))
 
     def protocol_error(self, what: str, peer: str, error: BaseException) -> None:
-        """Count bad input from a peer; log it at DEBUG at most every LOG_INTERVAL_S."""
+        """Count bad input from a peer; log it at DEBUG at most every 10 s."""
         self.protocol_errors += 1
-        now = time.monotonic()
-        if now - self._logged_at < LOG_INTERVAL_S:
-            self._unlogged += 1
+        suppressed = self._error_log.ready()
+        if suppressed is None:
             return
-        self._logged_at, suppressed, self._unlogged = now, self._unlogged, 0
         logger.opt(exception=error).debug(what, peer=peer, error=str(error),
                                           suppressed=suppressed)
 

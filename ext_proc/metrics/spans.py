@@ -25,6 +25,8 @@ from opentelemetry.metrics import CallbackOptions, Histogram, Meter, Observation
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 
+from ext_proc.throttle import Throttle
+
 PROCESSED: Final = "otel.sdk.processor.span.processed"
 QUEUE_SIZE: Final = "otel.sdk.processor.span.queue.size"
 QUEUE_CAPACITY: Final = "otel.sdk.processor.span.queue.capacity"
@@ -66,8 +68,7 @@ class SpanPipelineStats:
         self.exported = 0
         self.failed = 0
         self._duration: Histogram | None = None
-        self._last_drop_log = -self.LOG_INTERVAL_S
-        self._unlogged = 0
+        self._drop_log = Throttle(self.LOG_INTERVAL_S)
 
     def admit(self, shutdown: bool) -> bool:
         """Reserve a queue slot for one ended span; count and report a drop instead."""
@@ -78,12 +79,10 @@ class SpanPipelineStats:
                 self.in_flight += 1
                 return True
             self.dropped[reason] += 1
-            self._unlogged += 1
-            now = time.monotonic()
-            if now - self._last_drop_log < self.LOG_INTERVAL_S:
+            held = self._drop_log.ready()
+            if held is None:
                 return False
-            self._last_drop_log, count, self._unlogged = now, self._unlogged, 0
-        logger.warning("spans dropped", reason=reason, dropped=count, capacity=self.capacity)
+        logger.warning("spans dropped", reason=reason, dropped=held + 1, capacity=self.capacity)
         return False
 
     def handed_over(self, count: int) -> None:

@@ -8,6 +8,8 @@ from typing import Final
 
 from loguru import logger
 
+from ext_proc.throttle import DEFAULT_INTERVAL_S, Throttle
+
 
 class Rejections:
     """Counts rejected headers per format; logs at DEBUG at most once per format per interval.
@@ -18,7 +20,7 @@ class Rejections:
     """
 
     VALUE_LIMIT: Final = 64
-    DEFAULT_INTERVAL_S: Final = 10.0
+    DEFAULT_INTERVAL_S: Final = DEFAULT_INTERVAL_S
 
     def __init__(
         self,
@@ -28,18 +30,16 @@ class Rejections:
         self._interval_s = interval_s
         self._clock = clock
         self._counts: dict[str, int] = {}
-        self._last_log: dict[str, float] = {}
-        self._suppressed: dict[str, int] = {}
+        self._throttles: dict[str, Throttle] = {}
 
     def reject(self, fmt: str, reason: str, value: str | None = None) -> None:
         self._counts[fmt] = self._counts.get(fmt, 0) + 1
-        now = self._clock()
-        last = self._last_log.get(fmt)
-        if last is not None and now - last < self._interval_s:
-            self._suppressed[fmt] = self._suppressed.get(fmt, 0) + 1
+        throttle = self._throttles.get(fmt)
+        if throttle is None:
+            throttle = self._throttles[fmt] = Throttle(self._interval_s, self._clock)
+        suppressed = throttle.ready()
+        if suppressed is None:
             return
-        self._last_log[fmt] = now
-        suppressed = self._suppressed.pop(fmt, 0)
         shown = None if value is None else value[: self.VALUE_LIMIT]
         logger.debug(
             "rejected trace-context header",
