@@ -60,6 +60,20 @@ def stack(receiver: OtlpReceiver, tmp_path_factory: pytest.TempPathFactory) -> I
         yield running
 
 
+STATUS_ERROR = 2  # OTLP Status.STATUS_CODE_ERROR
+
+
+def assert_outcome(span: ReceivedSpan, status: int, error: str | None,
+                   flag: str | None) -> None:
+    """The span says how the request ended: status code, error or not, and Envoy's
+    response flag when one is expected."""
+    assert span.attributes["http.response.status_code"] == status
+    assert (span.status_code == STATUS_ERROR) is (error is not None)
+    assert span.attributes.get("error.type") == error
+    if flag:
+        assert flag in span.attributes["envoy.response_flags"]
+
+
 def tag() -> str:
     return uuid.uuid4().hex
 

@@ -11,7 +11,9 @@ from ext_proc.devstack import Stack, wait_until
 from tests.conftest import http_request
 from tests.e2e.conftest import (
     SERVER_KIND,
+    STATUS_ERROR,
     abort_in_flight,
+    assert_outcome,
     gateway_spans,
     tag,
     wait_gateway_span,
@@ -22,7 +24,6 @@ pytestmark = pytest.mark.e2e
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_ID = "00f067aa0ba902b7"
-STATUS_ERROR = 2
 
 
 def assert_traceparent(values: list[str], span: ReceivedSpan) -> None:
@@ -119,11 +120,7 @@ def test_status_code_and_span_status(stack: Stack, receiver: OtlpReceiver, path:
     t = tag()
     assert http_request(stack.base_url, f"{path}?tag={t}").status == status
     span = wait_gateway_span(receiver, with_query(t))
-    assert span.attributes["http.response.status_code"] == status
-    assert (span.status_code == STATUS_ERROR) is (error is not None)
-    assert span.attributes.get("error.type") == error
-    if flag:
-        assert flag in span.attributes["envoy.response_flags"]
+    assert_outcome(span, status, error, flag)
     assert span.attributes["http.request.method"] == "GET"
     assert span.attributes["url.path"] == path
     assert span.attributes["url.scheme"] == "http"

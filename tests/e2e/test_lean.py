@@ -14,8 +14,10 @@ from ext_proc.demo.receiver import OtlpReceiver
 from ext_proc.devstack import ENVOY_YAML, Stack, wait_until
 from tests.conftest import http_request
 from tests.e2e.conftest import (
+    STATUS_ERROR,
     abort_in_flight,
     add_test_routes,
+    assert_outcome,
     gateway_spans,
     tag,
     wait_gateway_span,
@@ -24,20 +26,17 @@ from tests.e2e.conftest import (
 
 pytestmark = pytest.mark.e2e
 
-STATUS_ERROR = 2
 
 
 @pytest.fixture(scope="module")
 def lean(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, OtlpReceiver]]:
     receiver = OtlpReceiver()
     receiver.start()
-    stack = Stack(tmp_path_factory.mktemp("lean"), receiver.endpoint,
-                  envoy_source=ENVOY_YAML, mutate_config=add_test_routes)
     try:
-        stack.start()
-        yield stack, receiver
+        with Stack(tmp_path_factory.mktemp("lean"), receiver.endpoint,
+                   envoy_source=ENVOY_YAML, mutate_config=add_test_routes) as stack:
+            yield stack, receiver
     finally:
-        stack.stop()
         receiver.stop()
 
 
@@ -67,11 +66,7 @@ def test_status_and_errors_from_the_access_log(lean: tuple[Stack, OtlpReceiver],
     reply = http_request(stack.base_url, f"{path}?tag={t}")
     assert reply.status == status
     span = wait_gateway_span(receiver, with_query(t))
-    assert span.attributes["http.response.status_code"] == status
-    assert (span.status_code == STATUS_ERROR) is (error is not None)
-    assert span.attributes.get("error.type") == error
-    if flag:
-        assert flag in span.attributes["envoy.response_flags"]
+    assert_outcome(span, status, error, flag)
     assert span.attributes["http.response.body.size"] == len(reply.body)
     assert len(gateway_spans(receiver, with_query(t))) == 1
 
