@@ -110,11 +110,18 @@ class RawClient:
         if data := self.h2.data_to_send():
             self._writer.write(data)
 
-    def open(self, sid: int, method: str, end: bool = False) -> None:
+    def open(self, sid: int, method: str, end: bool = False, flush: bool = True) -> None:
         self.h2.send_headers(sid, [
             (b":method", b"POST"), (b":scheme", b"http"), (b":path", f"/t.S/{method}".encode()),
             (b":authority", b"t"), (b"content-type", b"application/grpc"), (b"te", b"trailers"),
         ], end_stream=end)
+        if flush:
+            self.flush()
+
+    def send(self, sid: int, payload: bytes, end: bool = False) -> None:
+        """One gRPC message on `sid` (`end`: and END_STREAM)."""
+        self.h2.send_data(sid, message(payload), end_stream=end)
+        self.flush()
 
     def of(self, sid: int, kind: type) -> list[Any]:
         return [e for e in self.events if isinstance(e, kind) and e.stream_id == sid]
@@ -153,8 +160,7 @@ def _ended(client: RawClient, sid: int) -> bool:
 
 async def _echo_works(client: RawClient, sid: int) -> None:
     client.open(sid, "Echo")
-    client.h2.send_data(sid, message(b"ping"), end_stream=True)
-    client.flush()
+    client.send(sid, b"ping", end=True)
     await client.until(lambda: client.status(sid) is not None)
     assert client.status(sid) == b"0" and client.received(sid) == len(message(b"ping"))
 
@@ -166,11 +172,10 @@ async def test_a_stream_opened_and_reset_in_one_write_costs_only_itself() -> Non
             client = RawClient()
             await client.connect(port)
             client.open(1, "Echo")  # a healthy stream, still open
-            client.open(3, method)  # answered at once (unimplemented, or shed) ...
+            client.open(3, method, flush=False)  # answered at once (unimplemented, shed)
             client.h2.reset_stream(3, h2.errors.ErrorCodes.CANCEL)  # ... but reset already
-            client.flush()
-            client.h2.send_data(1, message(b"ping"), end_stream=True)
-            client.flush()
+            client.flush()  # one write: HEADERS and RST_STREAM
+            client.send(1, b"ping", end=True)
             await client.until(functools.partial(_ended, client, 1))
             assert not client.eof and client.status(1) == b"0", method
             await _echo_works(client, 5)
@@ -182,8 +187,7 @@ async def test_answers_waiting_for_window_are_delivered_during_the_grace() -> No
         client = RawClient()
         await client.connect(port)
         client.open(1, "Big")
-        client.h2.send_data(1, message(b""), end_stream=True)
-        client.flush()
+        client.send(1, b"", end=True)
         await client.until(lambda: client.received(1) >= 65_535)
         stopping = asyncio.ensure_future(server.stop(5))
         client.h2.increment_flow_control_window(1 << 20)
@@ -201,8 +205,7 @@ async def test_a_larger_initial_window_in_settings_resumes_waiting_answers() -> 
         await client.connect(port)
         client.h2.increment_flow_control_window(1 << 20)  # the connection's window
         client.open(1, "Big")
-        client.h2.send_data(1, message(b""), end_stream=True)
-        client.flush()
+        client.send(1, b"", end=True)
         await client.until(lambda: bool(client.of(1, h2.events.ResponseReceived)))
         assert client.received(1) == 0
         client.h2.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 1 << 20})
@@ -217,17 +220,14 @@ async def test_a_stream_racing_our_goaway_is_refused_and_the_open_one_finishes()
         client = RawClient()
         await client.connect(port)
         client.open(1, "Echo")
-        client.flush()
         await client.until(lambda: bool(server.connections)
                            and all(c.calls for c in server.connections))
         server.close()  # GOAWAY, last stream 1
         client.open(3, "Echo")  # sent before the client has read the GOAWAY
-        client.flush()
         await client.until(lambda: bool(client.of(3, h2.events.StreamReset)))
         (reset,) = client.of(3, h2.events.StreamReset)
         assert reset.error_code == h2.errors.ErrorCodes.REFUSED_STREAM
-        client.h2.send_data(1, message(b"ping"), end_stream=True)
-        client.flush()
+        client.send(1, b"ping", end=True)
         await client.until(lambda: client.status(1) is not None)
         assert client.status(1) == b"0"
         client.close()
@@ -238,8 +238,7 @@ async def test_an_answer_before_the_client_finished_sending_releases_the_stream(
         client = RawClient()
         await client.connect(port)
         client.open(1, "First")
-        client.h2.send_data(1, message(b"one"))
-        client.flush()
+        client.send(1, b"one")
         await client.until(lambda: bool(client.of(1, h2.events.StreamReset)))
         assert client.status(1) == b"0"  # trailers first, then RST_STREAM(NO_ERROR)
         assert client.of(1, h2.events.StreamReset)[0].error_code == h2.errors.ErrorCodes.NO_ERROR
