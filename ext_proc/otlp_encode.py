@@ -284,7 +284,7 @@ class FastOTLPSpanExporter(OTLPSpanExporter):
         # Called by the SDK at start and again to reconnect. The stub it builds
         # serializes messages; the request here is already serialized.
         super()._initialize_channel_and_stub()
-        self._client = _SerializedTraceStub(self._channel)
+        self._client = _SerializedTraceStub(self._channel)  # type: ignore[assignment]
 
     def _translate_data(self, data: Sequence[ReadableSpan]) -> bytes:  # type: ignore[override]
         return self._encoder.encode(data)
