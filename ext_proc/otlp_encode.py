@@ -9,8 +9,8 @@ status, route...) are encoded once and reused from a bounded cache. The rare par
 (events, links, array/map/bytes/None values, status messages) still go through
 the generated messages. `tests/unit/test_otlp_encode.py` checks that the bytes
 parse to a message equal to the SDK's for every shape of span. Measured on 512
-gateway spans (15 attributes): 5 µs per span against 18 with the message-building
-encoder this replaced.
+gateway spans (15 attributes each), CPU per span: 7 µs, against 18 for the
+message-building encoder this replaced and 13 before resources were hashed once.
 """
 
 from __future__ import annotations
@@ -135,6 +135,15 @@ def _value(value: Any) -> bytes:
     return message.SerializeToString()
 
 
+def _attributes_of(span: ReadableSpan) -> Mapping[str, Any]:
+    """The span's attributes. An SDK span keeps them in a dict inside its
+    ``BoundedAttributes``: iterating that dict is ~3x faster than the public
+    read-only view, which goes through ``collections.abc`` per item. Any other
+    shape takes the public view."""
+    raw = getattr(getattr(span, "_attributes", None), "_dict", None)
+    return raw if type(raw) is dict else span.attributes or {}
+
+
 class SpanEncoder:
     """Encodes batches of finished spans into a serialized ``ExportTraceServiceRequest``.
 
@@ -148,12 +157,21 @@ class SpanEncoder:
         self._keys: dict[str, bytes] = {}
 
     def encode(self, spans: Sequence[ReadableSpan]) -> bytes:
-        grouped: dict[Resource, dict[InstrumentationScope | None, list[bytes]]] = {}
+        # Grouped by equal resources, as the SDK does, but hashing each distinct
+        # resource object once: a Resource's hash is a JSON dump of its attributes.
+        same: dict[int, Resource] = {}  # id -> the first equal resource of the batch
+        grouped: dict[int, dict[InstrumentationScope | None, list[bytes]]] = {}
         for span in spans:
-            grouped.setdefault(span.resource, {}).setdefault(
+            resource = span.resource
+            first = same.get(id(resource))
+            if first is None:
+                first = same[id(resource)] = next(
+                    (seen for seen in same.values() if seen == resource), resource)
+            grouped.setdefault(id(first), {}).setdefault(
                 span.instrumentation_scope or None, []).append(self._span(span))
         out = []
-        for resource, scopes in grouped.items():
+        for first_id, scopes in grouped.items():
+            resource = same[first_id]
             resource_spans = ResourceSpans()
             resource_spans.resource.SetInParent()
             self._messages(resource_spans.resource.attributes, resource.attributes)
@@ -194,8 +212,9 @@ class SpanEncoder:
             parts += (b"\x39", span.start_time.to_bytes(8, "little"))
         if span.end_time:
             parts += (b"\x41", span.end_time.to_bytes(8, "little"))
-        if span.attributes:
-            self._attributes(parts, span.attributes)
+        attributes = _attributes_of(span)
+        if attributes:
+            self._attributes(parts, attributes)
         if span.dropped_attributes:
             parts += (b"\x50", _varint(span.dropped_attributes))
         if span.events or span.links or span.dropped_events or span.dropped_links:

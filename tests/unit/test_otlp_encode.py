@@ -79,8 +79,9 @@ def test_equal_across_batches_while_the_cache_fills_and_resets() -> None:
 
 
 def test_spans_of_several_resources_are_grouped_like_the_sdk() -> None:
-    spans = finished(Resource.create({"service.name": "a"})) + \
-        finished(Resource({"service.name": "b"}, schema_url="https://x/r"))
+    spans = finished(Resource({"service.name": "a"})) + \
+        finished(Resource({"service.name": "b"}, schema_url="https://x/r")) + \
+        finished(Resource({"service.name": "a"}))  # equal to the first, another object
     request = encoded(SpanEncoder(), spans)
     assert request == encode_spans(spans)
     assert len(request.resource_spans) == 2
