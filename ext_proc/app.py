@@ -164,6 +164,8 @@ def build_sidecar(settings: Settings, telemetry: Telemetry | None = None) -> Sid
                         server=(lambda: getattr(server, "shed", 0),
                                 lambda: getattr(server, "protocol_errors", 0)))
     pb_grpc.add_ExternalProcessorServicer_to_server(processor, server)
+    if isinstance(server, h2grpc.Server):  # no task or generator per stream
+        server.add_direct_method(PROCESS_METHOD, processor.direct_method())
     if join is not None:
         join.service.register(server)
     health_servicer = health.aio.HealthServicer()

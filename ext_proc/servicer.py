@@ -13,6 +13,7 @@ from opentelemetry.trace.propagation import set_span_in_context
 
 from ext_proc._gen.envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from ext_proc._gen.envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from ext_proc.h2grpc.direct import DirectMethod, Metadata
 from ext_proc.route_options import RouteOptionsCache
 from ext_proc.stream import StreamDeps, StreamSession
 
@@ -34,41 +35,89 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         while self.active:
             await self._idle.wait()
 
+    def open_exchange(self, metadata: Metadata) -> Exchange | None:
+        """One ext_proc stream's exchange, or None while shutting down."""
+        if not self.accepting:  # Envoy lets the request through untraced (fail open)
+            return None
+        session = StreamSession(self._deps, self._route_options.get(metadata))
+        self.active.add(session)
+        self._idle.clear()
+        return Exchange(self, session)
+
+    def _ended(self, session: StreamSession) -> None:
+        self.active.discard(session)
+        if not self.active:
+            self._idle.set()
+        try:
+            session.close()
+        except Exception:
+            logger.opt(exception=True).error("closing stream failed")
+
+    def direct_method(self) -> DirectMethod:
+        """`Process` as direct calls of the h2 engine (`ext_proc.h2grpc.direct`)."""
+        return DirectMethod(self.open_exchange, pb.ProcessingRequest.FromString,
+                            pb.ProcessingResponse.SerializeToString, "shutting down")
+
     async def Process(
         self,
         request_iterator: AsyncIterator[pb.ProcessingRequest],
         context: grpc.aio.ServicerContext[pb.ProcessingRequest, pb.ProcessingResponse],
     ) -> AsyncIterator[pb.ProcessingResponse]:
-        if not self.accepting:  # Envoy lets the request through untraced (fail open)
+        exchange = self.open_exchange(context.invocation_metadata() or ())
+        if exchange is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "shutting down")
-        session = StreamSession(self._deps,
-                                self._route_options.get(context.invocation_metadata()))
-        self.active.add(session)
-        self._idle.clear()
-        correlated = False
+            return
+        cancelled = False
         try:
             async for request in request_iterator:
-                started = time.perf_counter_ns()
-                response = session.handle(request)
-                elapsed = time.perf_counter_ns() - started
-                if not request.observability_mode:
+                response = exchange.message(request)
+                if response is not None:
                     yield response
-                if self._phase_timer is not None:
-                    self._phase_timer(request.WhichOneof("request"), elapsed)
-                if not correlated and session.span is not None:
-                    # This RPC runs in its own task, so the span stays current for
-                    # every later log line of this stream and no other.
-                    otel_context.attach(set_span_in_context(session.span))
-                    correlated = True
-                session.record()
+                exchange.answered()
         except asyncio.CancelledError:
-            session.cancelled = True  # Envoy reset the stream rather than closing it
+            cancelled = True  # Envoy reset the stream rather than closing it
             raise
         finally:
-            self.active.discard(session)
-            if not self.active:
-                self._idle.set()
-            try:
-                session.close()
-            except Exception:
-                logger.opt(exception=True).error("closing stream failed")
+            exchange.end(cancelled, unanswered=False)
+
+
+class Exchange:
+    """One ext_proc stream: answer each message first, record after, end once
+    (an `ext_proc.h2grpc.direct.DirectStream`; `Process` drives it on grpc.aio)."""
+
+    __slots__ = ("_correlated", "_elapsed", "_phase", "_processor", "session")
+
+    def __init__(self, processor: ExternalProcessor, session: StreamSession) -> None:
+        self._processor = processor
+        self.session = session
+        self._correlated = False
+        self._phase: str | None = None
+        self._elapsed = 0
+
+    def message(self, request: pb.ProcessingRequest) -> pb.ProcessingResponse | None:
+        started = time.perf_counter_ns()
+        response = self.session.handle(request)
+        self._elapsed = time.perf_counter_ns() - started
+        self._phase = request.WhichOneof("request")
+        return None if request.observability_mode else response
+
+    def answered(self) -> None:
+        session = self.session
+        timer = self._processor._phase_timer
+        if timer is not None:
+            timer(self._phase, self._elapsed)
+        if not self._correlated and session.span is not None:
+            # Each stream runs in a context of its own (its task, or its direct
+            # call's), so the span stays current for every later log line of this
+            # stream and no other.
+            otel_context.attach(set_span_in_context(session.span))
+            self._correlated = True
+        session.record()
+
+    def end(self, cancelled: bool, unanswered: bool) -> None:
+        """`unanswered`: Envoy closed the stream before our answer reached it, so it
+        went on without it (message timeout): the span waits for Envoy's access log
+        only briefly, and says nothing of an outcome it does not know."""
+        self.session.cancelled = cancelled
+        self.session.abandoned = unanswered and not cancelled
+        self._processor._ended(self.session)

@@ -30,25 +30,10 @@ from ext_proc.stream_deps import StreamDeps
 class StreamSession:
     """State of one exchange: small, and released when the stream ends."""
 
-    __slots__ = (
-        "_carrier",
-        "_client",
-        "_closed",
-        "_deps",
-        "_expects_response",
-        "_facts",
-        "_grpc_status",
-        "_options",
-        "_pending",
-        "_propagator",
-        "_response_attrs",
-        "_start_ns",
-        "_started",
-        "_status",
-        "_tenant",
-        "cancelled",
-        "span",
-    )
+    __slots__ = ("_carrier", "_client", "_closed", "_deps", "_expects_response", "_facts",
+                 "_grpc_status", "_options", "_pending", "_propagator", "_response_attrs",
+                 "_start_ns", "_started", "_status", "_tenant", "abandoned", "cancelled",
+                 "span")
 
     def __init__(self, deps: StreamDeps, options: RouteOptions = DEFAULT) -> None:
         self._deps = deps
@@ -70,6 +55,7 @@ class StreamSession:
         self._closed = False
         self._expects_response = False  # Envoy sends (or was asked for) the response phase
         self.cancelled = False  # set by the servicer when Envoy reset the stream
+        self.abandoned = False  # Envoy closed it before our answer reached it (timeout)
 
     # -- answering (hot path) -------------------------------------------------
 
@@ -231,7 +217,8 @@ class StreamSession:
         request_id = self._facts.request_id if self._facts else None
         if finalizer is not None and request_id:
             finalizer.defer(request_id, lambda final: self._complete(end_ns, final),
-                            responded=self._status is not None or self.cancelled)
+                            responded=self._status is not None or self.cancelled
+                            or self.abandoned)
         else:
             self._complete(end_ns, None)
 
@@ -289,9 +276,10 @@ class StreamSession:
         """Final attributes and status; returns the error.type recorded, if any."""
         policy = self._deps.policy
         extra = policy.response_attributes(self._carrier) if self._carrier and policy else {}
-        # no response seen, none expected (lean), none logged: how it ended is unknown
-        unknown = (self._status is None and final is None and not self._expects_response
-                   and not self.cancelled)
+        # no response seen, none logged, and none expected (lean) or Envoy went on
+        # without our answer: how the exchange ended is unknown
+        unknown = self._status is None and final is None and (
+            self.abandoned or (not self._expects_response and not self.cancelled))
         result = exchange_outcome(
             self._status, self._grpc_status, bool(self._facts and self._facts.is_grpc),
             self._response_attrs, extra, final, self.cancelled and self._deps.graceful_close,

@@ -65,7 +65,8 @@ class ServerSettings(BaseModel):
     max_backlog: int = Field(
         512, ge=1,
         description=(
-            "h2 engine: ext_proc streams waiting to be served beyond which new ones are "
+            "h2 engine: ext_proc streams waiting to be served (those one read from Envoy "
+            "brings in together wait for the ones before them) beyond which new ones are "
             "answered UNAVAILABLE at once (Envoy lets those requests through untraced), so "
             "an overloaded sidecar serves fresh streams within Envoy's message_timeout, not "
             "stale ones, and its memory stays bounded. Counted in extproc.stream.shed."

@@ -65,6 +65,13 @@ def _unbase64(value: bytes) -> bytes:
         return value
 
 
+def metadata_of(headers: Headers) -> tuple[tuple[str, Any], ...]:
+    """Metadata as grpc.aio gives it: str values, -bin values decoded to bytes."""
+    return tuple((key.decode("latin-1"),
+                  _unbase64(value) if key.endswith(b"-bin") else value.decode("latin-1"))
+                 for key, value in headers if not key.startswith(b":"))
+
+
 class Call:
     """The server side of one stream: what the handler reads, writes and ends."""
 
@@ -158,10 +165,7 @@ class Call:
     # -- the servicer context -------------------------------------------------
 
     def invocation_metadata(self) -> tuple[tuple[str, Any], ...]:
-        """Metadata as grpc.aio gives it: str values, -bin values decoded to bytes."""
-        return tuple((key.decode("latin-1"),
-                      _unbase64(value) if key.endswith(b"-bin") else value.decode("latin-1"))
-                     for key, value in self._headers if not key.startswith(b":"))
+        return metadata_of(self._headers)
 
     def peer(self) -> str:
         return self._connection.peer

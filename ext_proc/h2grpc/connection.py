@@ -20,6 +20,7 @@ import h2.exceptions
 import h2.settings
 
 from ext_proc.h2grpc.call import RESPONSE_HEADERS, AbortError, Call, Headers, trailers
+from ext_proc.h2grpc.direct import DirectCall
 from ext_proc.h2grpc.outbound import Outbound
 
 if TYPE_CHECKING:
@@ -70,6 +71,9 @@ class Connection(Outbound, asyncio.Protocol):
         })
         connection.state_machine = _DrainingStateMachine()
         super().__init__(server, connection)
+        self._reading = False  # inside data_received
+        self._opened = 0
+        self._to_settle: list[DirectCall] = []
 
     # -- asyncio.Protocol -----------------------------------------------------
 
@@ -91,8 +95,18 @@ class Connection(Outbound, asyncio.Protocol):
         self.calls.clear()
         self._pending.clear()
         self._server.output_drained()
+        self._settle()
 
     def data_received(self, data: bytes) -> None:
+        self._reading = True
+        self._opened = 0  # direct calls opened by this read
+        try:
+            self._read(data)
+        finally:
+            self._reading = False
+            self._settle()  # direct calls record once every answer of this read is out
+
+    def _read(self, data: bytes) -> None:
         try:
             events: list[Any] = self._h2.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
@@ -110,6 +124,23 @@ class Connection(Outbound, asyncio.Protocol):
                 if sid:
                     self._drop(sid, h2.errors.ErrorCodes.INTERNAL_ERROR)
         self._flush()
+
+    def settle_later(self, call: DirectCall) -> None:
+        """Run `call.settle()` after this read's answers are written."""
+        self._to_settle.append(call)
+        if not self._reading and len(self._to_settle) == 1:
+            self.loop.call_soon(self._settle)
+
+    def _settle(self) -> None:
+        calls, self._to_settle = self._to_settle, []
+        for call in calls:
+            call.settle()
+
+    def forget(self, call: DirectCall) -> None:
+        """`call` is over: no more of its frames are dispatched."""
+        if self.calls.get(call.stream_id) is call:
+            del self.calls[call.stream_id]
+        self._close_if_drained()
 
     def _on_event(self, event: Any) -> None:
         kind = type(event)
@@ -156,6 +187,21 @@ class Connection(Outbound, asyncio.Protocol):
         if self._goaway_last is not None and sid > self._goaway_last:
             # opened as our GOAWAY crossed it: the peer counts it as refused
             self._send(lambda: self._h2.reset_stream(sid, h2.errors.ErrorCodes.REFUSED_STREAM))
+            return
+        direct = self._server.direct.get(path)
+        if direct is not None:
+            # Streams opened by one read wait for the ones before them in it: past
+            # max_backlog of them, a sheddable method's are refused (as calls waiting
+            # for their task are, below).
+            self._opened += 1
+            server = self._server
+            if self._opened > server.max_backlog and path in server.sheddable:
+                server.shed += 1
+                self.send_headers(sid, _OVERLOADED, end_stream=True)
+                return
+            opened = DirectCall.open(self, sid, direct, headers)
+            if opened is not None:
+                self.calls[sid] = opened
             return
         if handler is None:
             self.send_headers(sid, _unimplemented(path), end_stream=True)

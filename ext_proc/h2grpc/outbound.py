@@ -15,6 +15,7 @@ import h2.exceptions
 from loguru import logger
 
 from ext_proc.h2grpc.call import Call, Headers
+from ext_proc.h2grpc.direct import DirectCall
 
 if TYPE_CHECKING:
     from ext_proc.h2grpc.server import Server
@@ -25,7 +26,7 @@ class Outbound:
         self._server = server
         self._h2 = connection
         self.loop = asyncio.get_running_loop()
-        self.calls: dict[int, Call] = {}
+        self.calls: dict[int, Call | DirectCall] = {}
         self._pending: dict[int, list[Any]] = {}  # stream -> [bytes waiting for window, trailers]
         self._transport: asyncio.Transport | None = None
         self._flush_scheduled = False

@@ -14,6 +14,7 @@ from loguru import logger
 
 from ext_proc.config.core import split_host_port
 from ext_proc.h2grpc.connection import Connection
+from ext_proc.h2grpc.direct import DirectMethod
 from ext_proc.throttle import Throttle
 
 
@@ -40,6 +41,7 @@ class Server:
         self.max_receive_message_length = max_receive_message_length
         self._reuse_port = reuse_port
         self._methods: dict[bytes, Any] = {}
+        self.direct: dict[bytes, DirectMethod] = {}
         self._generic: list[Any] = []
         self._sockets: list[tuple[socket.socket, ssl.SSLContext | None]] = []
         self._listeners: list[asyncio.Server] = []
@@ -52,6 +54,11 @@ class Server:
     def add_registered_method_handlers(self, service: str, handlers: Mapping[str, Any]) -> None:
         for name, handler in handlers.items():
             self._methods[f"/{service}/{name}".encode()] = handler
+
+    def add_direct_method(self, path: str, method: DirectMethod) -> None:
+        """Serve `path` ("/package.Service/Method") as direct calls (h2grpc.direct);
+        it takes precedence over a handler registered for the same path."""
+        self.direct[path.encode()] = method
 
     def add_generic_rpc_handlers(self, handlers: Iterable[Any]) -> None:
         self._generic.extend(handlers)

@@ -122,3 +122,20 @@ async def test_a_stream_envoy_reset_waits_only_the_join_timeout() -> None:
     assert rig.join.awaiting.pending() == 1  # the lean one: its request runs on
     assert rig.join.finalizer.pending() == 1  # the reset one: join_timeout_s
     assert rig.join.finalizer.is_parked("reset") and rig.join.awaiting.is_parked("lean")
+
+
+async def test_a_stream_envoy_abandoned_waits_briefly_and_claims_no_outcome() -> None:
+    """Envoy closed the stream before our answer reached it (message_timeout, as the
+    h2 engine sees it under overload): the request went on untraced. Its entry comes
+    when the request ends; without it, nothing says how it ended."""
+    rig = Rig(connected=False)  # asked for the response phase, which never came
+    assert rig.join is not None
+    abandoned = StreamSession(rig.deps)
+    rig.answer(abandoned, "gone")
+    abandoned.abandoned = True
+    abandoned.close()
+    assert rig.join.finalizer.is_parked("gone")  # join_timeout_s, not response_wait_s
+    rig.join.flush()
+    span = rig.span()
+    assert span.status.status_code is StatusCode.UNSET
+    assert "error.type" not in (span.attributes or {})
