@@ -141,6 +141,7 @@ class Connection(Outbound, asyncio.Protocol):
         if self.calls.get(call.stream_id) is call:
             del self.calls[call.stream_id]
         self._close_if_drained()
+        self._server.output_drained()  # wakes a stop() waiting for open calls
 
     def _on_event(self, event: Any) -> None:
         kind = type(event)

@@ -146,7 +146,8 @@ class Server:
         deadline = asyncio.get_running_loop().time() + (grace or 0)
         if grace and tasks:
             await asyncio.wait(tasks, timeout=grace)
-        while any(c.pending_output for c in self.connections):  # answers still to send
+        # answers still to send, or direct calls still open (they end with the peer)
+        while any(c.pending_output or c.calls for c in self.connections):
             left = deadline - asyncio.get_running_loop().time()
             if left <= 0:
                 break

@@ -200,3 +200,18 @@ async def test_streams_one_read_opens_past_the_backlog_are_shed() -> None:
         client.send(7, b"x", end=True)
         await client.until(lambda: client.status(7) is not None)
         assert client.status(7) == b"0" and server.shed == 1
+
+
+async def test_stop_gives_open_streams_the_grace_to_finish() -> None:
+    async with serving() as (recorder, server, client):
+        client.open(1, "D")
+        client.send(1, b"a")
+        await client.until(lambda: client.received(1) > 0)
+        stopping = asyncio.ensure_future(server.stop(30))
+        await client.until(lambda: any(isinstance(e, h2.events.ConnectionTerminated)
+                                       for e in client.events))
+        assert not stopping.done()  # GOAWAY sent, the open stream may finish
+        client.send(1, b"b", end=True)
+        await asyncio.wait_for(stopping, 5)  # well within the 30 s grace
+        assert client.status(1) == b"0"
+        assert recorder.log[-1] == ("end", False, b"b")
