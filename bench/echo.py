@@ -7,7 +7,10 @@ opt-in rows ``echo-*`` (BENCH_CONFIGS): what the gRPC server alone costs per
 request, i.e. the most a change to our own code can win. Modes:
 
 - ``h2`` (default): the sidecar's own server (``ext_proc.h2grpc``, the default
-  ``server.engine``), the response stream an async generator (the sidecar's shape);
+  ``server.engine``), each message answered by a direct call as the sidecar's are
+  (``ext_proc.h2grpc.direct``: no task or generator per stream);
+- ``h2-task``: the same server running the async-generator servicer in a task per
+  stream (how the sidecar ran before direct calls);
 - ``aio``: the same servicer on grpc.aio (``server.engine: grpcio``);
 - ``aio-rw``: grpc.aio, ``context.read()``/``context.write()`` instead of iterators;
 - ``sync``: grpcio's thread-pool server.
@@ -33,7 +36,8 @@ from ext_proc._gen.envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from ext_proc._gen.envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from ext_proc.responses import empty_response
 
-MODES: Final = ("h2", "aio", "aio-rw", "sync")
+PROCESS: Final = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
+MODES: Final = ("h2", "h2-task", "aio", "aio-rw", "sync")
 
 
 _BUSY_NS: Final = int(float(os.environ.get("ECHO_BUSY_US", "0")) * 1000)
@@ -45,6 +49,19 @@ def _answer(request: pb.ProcessingRequest) -> pb.ProcessingResponse:
         while time.thread_time_ns() < until:
             pass
     return empty_response(request.WhichOneof("request"))
+
+
+class DirectEcho:
+    """A `ext_proc.h2grpc.DirectStream`: answers, records nothing."""
+
+    def message(self, request: pb.ProcessingRequest) -> pb.ProcessingResponse:
+        return _answer(request)
+
+    def answered(self) -> None:
+        pass
+
+    def end(self, cancelled: bool, unanswered: bool) -> None:
+        pass
 
 
 class AioEcho(pb_grpc.ExternalProcessorServicer):
@@ -86,9 +103,13 @@ class SyncDrain(als_pb2_grpc.AccessLogServiceServicer):
 
 async def _serve_aio(port: int, mode: str) -> None:
     server: grpc.aio.Server | h2grpc.Server = \
-        h2grpc.Server() if mode == "h2" else grpc.aio.server()
+        h2grpc.Server() if mode.startswith("h2") else grpc.aio.server()
     pb_grpc.add_ExternalProcessorServicer_to_server(
         AioReadWriteEcho() if mode == "aio-rw" else AioEcho(), server)
+    if mode == "h2" and isinstance(server, h2grpc.Server):
+        server.add_direct_method(PROCESS, h2grpc.DirectMethod(
+            lambda _metadata: DirectEcho(), pb.ProcessingRequest.FromString,
+            pb.ProcessingResponse.SerializeToString))
     als_pb2_grpc.add_AccessLogServiceServicer_to_server(AioDrain(), server)
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()

@@ -157,7 +157,7 @@ SIDECAR_AB: Final = {
 }
 # Opt-in rows: the floor, bench/echo.py (answers only) in a mode, behind the shipped
 # config or, with "-full", envoy-full.yaml.
-ECHO: Final = {"echo": "h2", "echo-full": "h2", "echo-grpcio": "aio",
+ECHO: Final = {"echo": "h2", "echo-full": "h2", "echo-task": "h2-task", "echo-grpcio": "aio",
                "echo-grpcio-full": "aio", "echo-rw": "aio-rw", "echo-sync": "sync",
                "echo-sync-full": "sync", "echo-busy75": "h2"}
 # echo-busy75: 75 us of CPU per answered message (150 per request), about what our
