@@ -1,4 +1,4 @@
-"""Shared test helpers: loguru -> caplog bridge, HTTP client."""
+"""Shared test helpers: loguru -> caplog bridge, an OTLP receiver, HTTP client."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from typing import Any
 import pytest
 from loguru import logger
 
+from ext_proc.demo.receiver import OtlpReceiver
+
 
 @pytest.fixture
 def caplog(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
@@ -19,6 +21,16 @@ def caplog(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixtur
                             filter=lambda record: record["level"].no >= caplog.handler.level)
     yield caplog
     logger.remove(handler_id)
+
+
+@pytest.fixture
+def receiver() -> Iterator[OtlpReceiver]:
+    """A real OTLP/gRPC receiver on a free loopback port, for one test (modules that
+    share one across their tests define a module-scoped `receiver` of their own)."""
+    rx = OtlpReceiver()
+    rx.start()
+    yield rx
+    rx.stop()
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 
 import grpc
 import pytest
@@ -25,14 +24,6 @@ from ext_proc.demo.receiver import OtlpReceiver, any_value
 
 TIMEOUT = 5.0
 RESOURCE = Resource.create({"service.name": "rx-test", "deployment.environment.name": "ci"})
-
-
-@pytest.fixture
-def receiver() -> Iterator[OtlpReceiver]:
-    rx = OtlpReceiver()
-    rx.start()
-    yield rx
-    rx.stop()
 
 
 def _tracer_provider(rx: OtlpReceiver, timeout: float = TIMEOUT) -> TracerProvider:

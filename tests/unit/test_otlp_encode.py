@@ -4,7 +4,6 @@ builds, and `FastOTLPSpanExporter` sends them to a real OTLP/gRPC receiver."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 
 import pytest
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
@@ -129,14 +128,6 @@ def test_an_int_beyond_int64_is_skipped_like_the_sdk() -> None:
                        instrumentation_scope=InstrumentationScope("x"))
     encoded_span = encoded(SpanEncoder(), [odd]).resource_spans[0].scope_spans[0].spans[0]
     assert [kv.key for kv in encoded_span.attributes] == ["fine"]
-
-
-@pytest.fixture
-def receiver() -> Iterator[OtlpReceiver]:
-    rx = OtlpReceiver()
-    rx.start()
-    yield rx
-    rx.stop()
 
 
 def test_the_exporter_sends_them_to_a_real_receiver(receiver: OtlpReceiver) -> None:
