@@ -19,12 +19,7 @@ import struct
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
-import grpc
 from loguru import logger
-from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-    ExportTraceServiceResponse,
-)
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import (
     ResourceSpans,
@@ -289,30 +284,3 @@ def _flags(parent: SpanContext | None) -> int:
     if parent is not None and parent.is_remote:
         return _HAS_IS_REMOTE | _IS_REMOTE
     return _HAS_IS_REMOTE
-
-
-class FastOTLPSpanExporter(OTLPSpanExporter):
-    """The SDK's OTLP/gRPC span exporter (its env handling, retries, TLS, headers,
-    reconnection), sending the bytes `SpanEncoder` writes."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._encoder = SpanEncoder()
-        super().__init__(*args, **kwargs)
-
-    def _initialize_channel_and_stub(self) -> None:
-        # Called by the SDK at start and again to reconnect. The stub it builds
-        # serializes messages; the request here is already serialized.
-        super()._initialize_channel_and_stub()
-        self._client = _SerializedTraceStub(self._channel)  # type: ignore[assignment]
-
-    def _translate_data(self, data: Sequence[ReadableSpan]) -> bytes:  # type: ignore[override]
-        return self._encoder.encode(data)
-
-
-class _SerializedTraceStub:
-    """``TraceService`` with a request that is already serialized."""
-
-    def __init__(self, channel: grpc.Channel) -> None:
-        self.Export = channel.unary_unary(
-            "/opentelemetry.proto.collector.trace.v1.TraceService/Export",
-            request_serializer=None, response_deserializer=ExportTraceServiceResponse.FromString)

@@ -71,9 +71,10 @@ def chosen_exporter(env: Mapping[str, str], signal: str, console: Callable[[], T
 
 
 def _grpc_span_exporter() -> SpanExporter:
-    # The SDK's exporter with an encoder that builds the same request ~2.5x faster
-    # (ext_proc.otlp_encode); http/protobuf keeps the SDK's encoder (no hook for it).
-    from ext_proc.otlp_encode import FastOTLPSpanExporter
+    # The SDK's exporter sending the same request, written as bytes ~2.5x faster
+    # (ext_proc.otlp_encode, ext_proc.otlp_export); http/protobuf keeps the SDK's
+    # encoder (no hook for it).
+    from ext_proc.otlp_export import FastOTLPSpanExporter
     return FastOTLPSpanExporter()
 
 

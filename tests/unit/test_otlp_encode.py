@@ -26,7 +26,8 @@ from opentelemetry.trace import (
 )
 
 from ext_proc.demo.receiver import OtlpReceiver
-from ext_proc.otlp_encode import FastOTLPSpanExporter, SpanEncoder
+from ext_proc.otlp_encode import SpanEncoder
+from ext_proc.otlp_export import FastOTLPSpanExporter
 
 
 def encoded(encoder: SpanEncoder, spans: list[ReadableSpan]) -> ExportTraceServiceRequest:
