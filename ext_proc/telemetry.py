@@ -12,19 +12,22 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Final, TypeVar
+from typing import Final, TypeVar, cast
 
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import SpanLimits, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace import Tracer as SdkTracer
 from opentelemetry.sdk.trace.export import (
     BatchSpanProcessor,
     ConsoleSpanExporter,
     SpanExporter,
 )
 from opentelemetry.sdk.trace.sampling import Sampler
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Tracer
 
 import ext_proc
+from ext_proc.lean_span import LeanTracer
 from ext_proc.metrics.spans import BoundedSpanProcessor, SpanPipelineStats
 
 T = TypeVar("T")
@@ -127,15 +130,17 @@ def build_telemetry(
     With `span_stats` the batch processor counts what it drops, exports and fails;
     `wrap` decorates the exporting processor (keep-errors sampling).
     """
-    provider = TracerProvider(resource=build_resource(), sampler=sampler,
-                              span_limits=span_limits())
+    limits = span_limits()
+    provider = TracerProvider(resource=build_resource(), sampler=sampler, span_limits=limits)
     if exporter is None and from_env:
         exporter = build_span_exporter()
     if exporter is not None:
         processor: SpanProcessor = (BatchSpanProcessor(exporter) if span_stats is None
                                     else BoundedSpanProcessor(exporter, span_stats))
         provider.add_span_processor(wrap(processor) if wrap is not None else processor)
-    tracer = provider.get_tracer(INSTRUMENTATION_NAME, ext_proc.__version__)
+    scope = InstrumentationScope(INSTRUMENTATION_NAME, ext_proc.__version__)
+    sdk_tracer = cast(SdkTracer, provider.get_tracer(scope.name, scope.version))
+    tracer = LeanTracer(sdk_tracer, scope, limits.max_attribute_length)
     return Telemetry(provider, tracer)
 
 
