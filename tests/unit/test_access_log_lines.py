@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 from collections.abc import Iterator
@@ -51,6 +52,22 @@ def test_the_direct_line_equals_the_loguru_line(configured: io.StringIO) -> None
                      "span_id": "00f067aa0ba902b7", "trace_flags": "01", "method": "GET",
                      "path": "/users/7", "status": 200, "duration_ms": 12.346,
                      "request_id": "req-1", "tenant": "acme"}
+
+
+@pytest.mark.parametrize("record", [
+    RECORD,
+    dataclasses.replace(RECORD, method=None, path=None, status=None, request_id=None,
+                        tenant=None, duration_s=0.0),
+    dataclasses.replace(RECORD, path='/q"uote\\back\nline\x00ctl/\u00fcnic\u00f6de/\U0001f600',
+                        method="M\u00c9TH", request_id="r\u2028", duration_s=12345.6789012,
+                        status=599, tenant="t\"x"),
+], ids=["plain", "nulls", "odd-text"])
+def test_the_written_line_is_what_json_dumps_makes(record: ExchangeRecord) -> None:
+    line = AccessLog.line(record)
+    document = json.loads(line)
+    expected = json.dumps({"ts": document["ts"], "level": "INFO", "msg": "access",
+                           **AccessLog.fields(record)}, default=str, separators=(",", ":"))
+    assert line == expected
 
 
 def test_no_direct_sink_when_info_lines_are_filtered() -> None:
