@@ -27,7 +27,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 from loguru import logger
 from pydantic import ValidationError
@@ -132,16 +132,26 @@ class RouteOptionsCache:
     def __init__(self, base: PropagationSettings) -> None:
         self._base = base
         self._cache: OrderedDict[tuple[tuple[str, str], ...], RouteOptions] = OrderedDict()
+        self._known: dict[tuple[Any, ...], RouteOptions] = {}  # whole metadata -> options
 
     def get(self, metadata: Metadata) -> RouteOptions:
+        # A route's streams all carry the same metadata: known metadata skips the filter.
+        try:
+            known = self._known.get(metadata) if isinstance(metadata, tuple) else None
+        except TypeError:  # an unhashable value: filter it as always
+            known, metadata = None, None if not metadata else list(metadata)
+        if known is not None:
+            return known
         items = _ours(metadata)
-        if not items:
-            return DEFAULT
-        options = self._cache.get(items)
+        options = DEFAULT if not items else self._cache.get(items)
         if options is None:
             options = self._cache[items] = parse_route_options(items, self._base)
             if len(self._cache) > self.MAX_ENTRIES:
                 self._cache.popitem(last=False)
+        if isinstance(metadata, tuple):
+            if len(self._known) >= self.MAX_ENTRIES:
+                self._known.clear()
+            self._known[metadata] = options
         return options
 
 

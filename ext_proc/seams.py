@@ -32,9 +32,9 @@ class PropagatorSource(Protocol):
     def get(self, settings: PropagationSettings) -> Propagator: ...
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen one costs ~1 µs more to build, per request
 class ExchangeRecord:
-    """One finished exchange, as observers (metrics, ...) see it."""
+    """One finished exchange, as observers (metrics, ...) see it (read it, never change it)."""
 
     method: str | None
     route: str | None

@@ -19,8 +19,15 @@ import h2.events
 import h2.exceptions
 import h2.settings
 
-from ext_proc.h2grpc.call import RESPONSE_HEADERS, AbortError, Call, Headers, trailers
-from ext_proc.h2grpc.direct import DirectCall
+from ext_proc.h2grpc.call import (
+    RESPONSE_HEADERS,
+    AbortError,
+    Call,
+    Headers,
+    metadata_of,
+    trailers,
+)
+from ext_proc.h2grpc.direct import DirectCall, Metadata
 from ext_proc.h2grpc.outbound import Outbound
 
 if TYPE_CHECKING:
@@ -36,6 +43,7 @@ _CONFIG: Final = h2.config.H2Configuration(
     validate_inbound_headers=False, normalize_inbound_headers=False)
 _WINDOW: Final = 1 << 20  # per-stream receive window we announce
 _CONNECTION_WINDOW: Final = 16 << 20
+_KEPT_METADATA: Final = 64  # decoded header blocks kept per connection
 _PREFIX: Final = 5  # gRPC message: compressed flag (1 byte) + length (4 bytes, big endian)
 
 
@@ -74,6 +82,7 @@ class Connection(Outbound, asyncio.Protocol):
         self._reading = False  # inside data_received
         self._opened = 0
         self._to_settle: list[DirectCall] = []
+        self._metadata: dict[tuple[tuple[bytes, bytes], ...], Metadata] = {}
 
     # -- asyncio.Protocol -----------------------------------------------------
 
@@ -135,6 +144,17 @@ class Connection(Outbound, asyncio.Protocol):
         calls, self._to_settle = self._to_settle, []
         for call in calls:
             call.settle()
+
+    def metadata(self, headers: Headers) -> Metadata:
+        """`headers` as gRPC metadata; a peer's streams repeat theirs (Envoy: per route),
+        so the last few are kept decoded."""
+        key = tuple(headers)
+        found = self._metadata.get(key)
+        if found is None:
+            if len(self._metadata) >= _KEPT_METADATA:
+                self._metadata.clear()
+            found = self._metadata[key] = metadata_of(headers)
+        return found
 
     def forget(self, call: DirectCall) -> None:
         """`call` is over: no more of its frames are dispatched."""

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 import grpc
 from loguru import logger
 
-from ext_proc.h2grpc.call import RESPONSE_HEADERS, AbortError, Headers, metadata_of, trailers
+from ext_proc.h2grpc.call import RESPONSE_HEADERS, AbortError, Headers, trailers
 
 if TYPE_CHECKING:
     from ext_proc.h2grpc.connection import Connection
@@ -84,7 +84,7 @@ class DirectCall:
         """The call, or None when `method` refused it (trailers sent)."""
         context = contextvars.copy_context()
         try:
-            stream = context.run(method.open, metadata_of(headers))
+            stream = context.run(method.open, connection.metadata(headers))
         except Exception:
             logger.opt(exception=True).error("gRPC handler failed", stream_id=stream_id)
             stream, refusal = None, (grpc.StatusCode.UNKNOWN, "Unexpected error in handler")

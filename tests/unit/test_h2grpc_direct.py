@@ -131,6 +131,8 @@ async def test_each_stream_runs_in_a_context_of_its_own() -> None:
                            and client.status(3) is not None)
     ends = {entry for entry in recorder.log if entry[0] == "end"}
     assert ends == {("end", False, b""), ("end", False, b"three")}
+    # the same header block, decoded once per connection: one metadata object
+    assert recorder.metadata[0] is recorder.metadata[1]
     assert recorder.unanswered.count(False) == 1  # stream 3 closed after its answer
 
 

@@ -11,10 +11,11 @@ from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
 )
 
 from ext_proc._gen.envoy.config.core.v3 import base_pb2
+from ext_proc.config import PropagationSettings
 from ext_proc.envoy_attrs import EnvoyAttributes, parse_time_ns, response_flag_names
 from ext_proc.headers import carrier_from_headers, header_mutation
 from ext_proc.request_info import request_info, split_authority
-from ext_proc.route_options import DEFAULT, HTTP_ROUTE, route_options
+from ext_proc.route_options import DEFAULT, HTTP_ROUTE, RouteOptionsCache, route_options
 from ext_proc.telemetry import TelemetryConfigError, build_span_exporter
 
 
@@ -104,6 +105,19 @@ def test_route_options_from_grpc_initial_metadata() -> None:
     assert route_options([(HTTP_ROUTE, "/users/{id}")]).http_route == "/users/{id}"
     assert route_options([(HTTP_ROUTE, "x" * 1000)]) is DEFAULT
     assert route_options([(HTTP_ROUTE + "-bin", b"\x00")]) is DEFAULT
+
+
+def test_route_options_cache_answers_known_metadata_alike() -> None:
+    cache = RouteOptionsCache(PropagationSettings())
+    route = (("content-type", "application/grpc"), (HTTP_ROUTE, "/users/{id}"))
+    first = cache.get(route)
+    assert first.http_route == "/users/{id}"
+    assert cache.get(tuple(route)) is first  # the same metadata again (another tuple)
+    assert cache.get((("te", "trailers"),)) is DEFAULT
+    assert cache.get(None) is DEFAULT
+    odd = ((HTTP_ROUTE, "/a"), ("x-list", ["unhashable"]))
+    assert cache.get(odd).http_route == "/a"  # type: ignore[arg-type]  # filtered as always
+    assert cache.get(list(route)) is first  # a list is filtered, then the parsed cache
 
 
 def test_span_exporter_follows_the_otel_variables() -> None:
