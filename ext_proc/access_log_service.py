@@ -65,7 +65,7 @@ RESPONSE_FLAG_CODES: Final[dict[str, str]] = {
 GRPC_STATUS: Final = "grpc-status"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: ~1 µs less to build, per request
 class FinalFacts:
     """What Envoy's access log says about how one exchange ended."""
 

@@ -11,7 +11,7 @@ from ext_proc.envoy_attrs import EnvoyAttributes
 from ext_proc.headers import Carrier, first
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: ~1 µs less to build, per request
 class RequestInfo:
     method: str  # normalised per the conventions (_OTHER for unknown methods)
     method_original: str
