@@ -85,11 +85,13 @@ DICT_SETTER: Final = DictSetter()
 
 def header_mutation(
     set_headers: Mapping[str, str], remove: Iterable[str] = (),
-    append: frozenset[str] = frozenset(),
+    append: frozenset[str] = frozenset(), into: pb.HeaderMutation | None = None,
 ) -> pb.HeaderMutation:
     """Set each header in ``raw_value``, replacing any value (or appending, for names in
-    `append`), and remove the `remove` names."""
-    mutation = pb.HeaderMutation(remove_headers=list(remove))
+    `append`), and remove the `remove` names; written `into` a mutation inside the
+    answer when given (with upb, a message passed to a constructor is copied)."""
+    mutation = pb.HeaderMutation() if into is None else into
+    mutation.remove_headers.extend(remove)
     for key, value in set_headers.items():
         option = mutation.set_headers.add()
         option.header.key = key

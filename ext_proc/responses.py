@@ -35,9 +35,11 @@ RESPONSE_PHASE: Final = mode_pb.ProcessingMode(response_header_mode=_SEND,
 APPENDED: Final = frozenset({"server-timing"})
 
 
-def trace_metadata(namespace: str, ctx: SpanContext) -> struct_pb2.Struct:
-    """trace_id/span_id for Envoy's access log (``%DYNAMIC_METADATA(ns:trace_id)%``)."""
-    metadata = struct_pb2.Struct()
+def trace_metadata(namespace: str, ctx: SpanContext,
+                   into: struct_pb2.Struct | None = None) -> struct_pb2.Struct:
+    """trace_id/span_id for Envoy's access log (``%DYNAMIC_METADATA(ns:trace_id)%``),
+    written `into` the answer's Struct when given."""
+    metadata = struct_pb2.Struct() if into is None else into
     entry = metadata.fields[namespace].struct_value
     entry.fields["trace_id"].string_value = format(ctx.trace_id, "032x")
     entry.fields["span_id"].string_value = format(ctx.span_id, "016x")

@@ -106,12 +106,12 @@ class StreamSession:
         propagator.inject(set_span_in_context(span, parent), out)
         self._pending = request
         self._carrier = carrier
-        answer = pb.ProcessingResponse(
-            request_headers=pb.HeadersResponse(response=pb.CommonResponse(
-                header_mutation=header_mutation(out, propagator.removals(carrier, out)),
-            )),
-            dynamic_metadata=trace_metadata(deps.metadata_namespace, self.span.get_span_context()),
-        )
+        answer = pb.ProcessingResponse()  # filled in place: upb copies what it is given
+        mutation = answer.request_headers.response.header_mutation
+        mutation.SetInParent()  # a request_headers answer even when nothing changes
+        header_mutation(out, propagator.removals(carrier, out), into=mutation)
+        trace_metadata(deps.metadata_namespace, self.span.get_span_context(),
+                       into=answer.dynamic_metadata)
         if self._needs_response_phase(propagator):
             self._expects_response = True
             answer.mode_override.CopyFrom(RESPONSE_PHASE)

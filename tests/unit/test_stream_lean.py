@@ -3,6 +3,8 @@ phase (mode_override), and how an exchange ends with or without its access-log e
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -139,3 +141,12 @@ async def test_a_stream_envoy_abandoned_waits_briefly_and_claims_no_outcome() ->
     span = rig.span()
     assert span.status.status_code is StatusCode.UNSET
     assert "error.type" not in (span.attributes or {})
+
+
+async def test_the_answer_is_a_request_headers_answer_even_with_nothing_to_change() -> None:
+    rig = Rig()
+    quiet = PropagatorCache(Rejections()).get(PropagationSettings(inject=[]))  # type: ignore[arg-type]
+    answer = rig.answer(StreamSession(dataclasses.replace(rig.deps, propagator=quiet)))
+    assert answer.WhichOneof("response") == "request_headers"
+    assert not answer.request_headers.response.header_mutation.set_headers
+    assert answer.dynamic_metadata.fields["extproc_otel"].struct_value.fields["trace_id"]
