@@ -48,7 +48,7 @@ _STATUS: Final = {
 _HAS_IS_REMOTE: Final = SpanFlags.SPAN_FLAGS_CONTEXT_HAS_IS_REMOTE_MASK
 _IS_REMOTE: Final = SpanFlags.SPAN_FLAGS_CONTEXT_IS_REMOTE_MASK
 # Values of these types repeat across spans often enough to be worth caching.
-_CACHED_TYPES: Final = (str, bool, int)
+_CACHED_TYPES: Final = frozenset({str, bool, int})
 _MAX_CACHED_VALUE: Final = 64  # longer strings (paths, ids) rarely repeat
 
 
@@ -224,10 +224,11 @@ class SpanEncoder:
     def _attributes(self, parts: list[bytes], attributes: Mapping[str, Any]) -> None:
         pairs, keys = self._pairs, self._keys
         for key, value in attributes.items():
-            cacheable = type(value) in _CACHED_TYPES and (
-                type(value) is not str or len(value) <= _MAX_CACHED_VALUE)
-            if cacheable:
-                cached = pairs.get((key, type(value), value))
+            kind = type(value)
+            cache_key = (key, kind, value) if kind in _CACHED_TYPES and (
+                kind is not str or len(value) <= _MAX_CACHED_VALUE) else None
+            if cache_key is not None:
+                cached = pairs.get(cache_key)
                 if cached is not None:
                     parts.append(cached)
                     continue
@@ -242,10 +243,10 @@ class SpanEncoder:
                 logger.opt(exception=True).warning("attribute not encodable", key=key)
                 continue
             parts.append(pair)
-            if cacheable:
+            if cache_key is not None:
                 if len(pairs) >= self.MAX_CACHE:
                     pairs.clear()
-                pairs[(key, type(value), value)] = pair
+                pairs[cache_key] = pair
 
     def _rare(self, span: ReadableSpan) -> bytes:
         """Events, links and their drop counts, as generated messages (fields 11-14)."""
