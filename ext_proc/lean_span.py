@@ -132,8 +132,16 @@ class LeanSpan(trace_api.Span):
     def set_attributes(self, attributes: Mapping[str, AttributeValue]) -> None:
         if self._end_time is not None:
             return
+        own, limit = self._attributes, self._tracer._max_length
         for key, value in attributes.items():
-            self.set_attribute(key, value)
+            kind = type(value)
+            # the common case inline: a new key, a short string or a number, room left
+            if (kind in _SCALARS and type(key) is str and key and key not in own
+                    and len(own) < MAX_ATTRIBUTES
+                    and (kind is not str or limit is None or len(value) <= limit)):  # type: ignore[arg-type]
+                own[key] = value
+            else:
+                self.set_attribute(key, value)
 
     def set_attribute(self, key: str, value: AttributeValue) -> None:
         if self._end_time is not None:
