@@ -63,10 +63,12 @@ class RequestPolicy:
 
     def request_attributes(self, carrier: Carrier, raw_target: str,
                            envoy: EnvoyAttributes, tenant: str | None) -> dict[str, Any]:
-        """Redacted query, captured headers, auth annotation and the tenant."""
+        """Redacted path (it replaces the raw one the span started with) and query,
+        captured headers, auth annotation and the tenant."""
         redactor = self.redactor
         attrs: dict[str, Any] = {TENANT_ID: tenant} if tenant is not None else {}
-        _, query = redactor.path_and_query(raw_target)
+        path, query = redactor.path_and_query(raw_target)
+        attrs[sc.URL_PATH] = path
         if query is not None:
             attrs[sc.URL_QUERY] = query
         attrs.update(redactor.header_attributes(carrier, "request"))

@@ -31,7 +31,7 @@ class StreamSession:
     """State of one exchange: small, and released when the stream ends."""
 
     __slots__ = ("_carrier", "_client", "_closed", "_deps", "_expects_response", "_facts",
-                 "_grpc_status", "_options", "_pending", "_propagator", "_response_attrs",
+                 "_grpc_status", "_options", "_path", "_pending", "_propagator", "_response_attrs",
                  "_start_ns", "_started", "_status", "_tenant", "abandoned", "cancelled",
                  "span")
 
@@ -47,6 +47,7 @@ class StreamSession:
         self.span: Span | None = None
         self._client: Span | None = None  # the optional upstream CLIENT span
         self._facts: RequestInfo | None = None
+        self._path: str | None = None  # url.path, redacted
         self._start_ns = 0
         self._status: int | None = None
         self._grpc_status: str | None = None
@@ -180,6 +181,7 @@ class StreamSession:
                                                        envoy, self._tenant))
             elif facts.query is not None:
                 attrs[sc.URL_QUERY] = facts.query
+            self._path = attrs.get(sc.URL_PATH)
             span.set_attributes(attrs)
             if facts.route is None:
                 route = facts.route_template(request.metadata_context,
@@ -255,7 +257,7 @@ class StreamSession:
         record = ExchangeRecord(
             method=facts.method if facts else None,
             route=facts.route if facts else None,
-            path=facts.path if facts else None,
+            path=self._url_path(),
             request_id=facts.request_id if facts else None,
             status=self._status,
             error_type=error_type,
@@ -271,6 +273,13 @@ class StreamSession:
                 observer.stream_finished(record)
             except Exception:
                 logger.opt(exception=True).error("stream observer failed")
+
+    def _url_path(self) -> str | None:
+        """url.path for the access line: redacted (matrix parameters, JWTs), as on the span."""
+        facts, policy = self._facts, self._deps.policy
+        if self._path is None and facts is not None:
+            self._path = policy.redactor.path_and_query(facts.path)[0] if policy else facts.path
+        return self._path
 
     def _finish(self, span: Span, final: FinalFacts | None) -> str | None:
         """Final attributes and status; returns the error.type recorded, if any."""

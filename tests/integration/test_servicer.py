@@ -27,6 +27,7 @@ from ext_proc._gen.envoy.service.ext_proc.v3 import external_processor_pb2_grpc 
 from ext_proc.app import Sidecar, build_sidecar
 from ext_proc.config import load_settings
 from ext_proc.logs import install_correlation, json_line
+from ext_proc.redaction import REDACTED
 from ext_proc.telemetry import Telemetry
 
 pytestmark = pytest.mark.usefixtures("in_process_sidecar")
@@ -227,6 +228,32 @@ async def test_log_lines_carry_their_own_streams_ids() -> None:
     for line in access:
         span = spans[line["path"]]
         assert line["trace_id"] == format(span.context.trace_id, "032x")
+
+
+async def test_secrets_in_the_path_reach_neither_the_span_nor_the_access_line() -> None:
+    """Matrix parameters and a JWT in a path segment are redacted in url.path (which the
+    span starts with raw, for the sampler) and in the access line, sampled or not."""
+    jwt = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ1c2VyIn0.c2lnbmF0dXJlc2VjcmV0"
+    path = f"/app;token=CANARY1/login/{jwt}"
+    lines: list[dict[str, Any]] = []
+    sink = logger.add(lambda m: lines.append(json.loads(json_line(m.record))), level="INFO")
+    try:
+        async with running_server() as srv:
+            await exchange(srv.stub, [request_headers(f"{path}?token=CANARY2&a=1"),
+                                      response_headers("200")])
+            unsampled = f"00-{TRACE_ID}-{PARENT_ID}-00"  # a parent that was not sampled
+            await exchange(srv.stub, [request_headers(path, ("traceparent", unsampled)),
+                                      response_headers("200")])
+            (span,) = srv.spans()
+    finally:
+        logger.remove(sink)
+    attributes = span.attributes or {}
+    assert str(attributes["url.path"]).startswith(f"/app;token={REDACTED}")
+    assert attributes["url.query"] == f"token={REDACTED}&a=1"
+    access = [line for line in lines if line["msg"] == "access"]
+    assert [line["path"] for line in access] == [attributes["url.path"]] * 2
+    exported = json.dumps({k: str(v) for k, v in attributes.items()}) + json.dumps(lines)
+    assert "CANARY" not in exported and jwt not in exported
 
 
 async def test_concurrent_streams_leave_no_state_behind() -> None:
