@@ -57,8 +57,8 @@ class ServerSettings(BaseModel):
     engine: Literal["h2", "grpcio"] = Field(
         "h2",
         description=(
-            "gRPC server: h2 (HTTP/2 on the event loop, ext_proc.h2grpc: ~47 % less CPU "
-            "per request, 1.8x the throughput; see README, Performance) or grpcio "
+            "gRPC server: h2 (HTTP/2 on the event loop, ext_proc.h2grpc: ~50 % less CPU "
+            "per request, 2x the throughput; see README, Performance) or grpcio "
             "(grpc.aio)."
         ),
     )
