@@ -246,8 +246,13 @@ class Connection(Outbound, asyncio.Protocol):
         if call is None or call.finished or call.failed:
             return
         buffer = call.buffer
-        buffer += event.data
+        data = event.data
         limit = self._server.max_receive_message_length
+        if (not buffer and len(data) > _PREFIX and data[0] == 0
+                and int.from_bytes(data[1:5], "big") == len(data) - _PREFIX <= limit):
+            call.deliver(data[_PREFIX:])  # the usual frame: exactly one whole message
+            return
+        buffer += data
         while len(buffer) >= _PREFIX:
             length = int.from_bytes(buffer[1:5], "big")
             if buffer[0] != 0:

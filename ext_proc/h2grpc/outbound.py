@@ -61,6 +61,15 @@ class Outbound:
         if pending is not None:  # keep order behind what waits for window
             pending[0] += data
             return
+        h2_connection = self._h2
+        try:
+            fits = len(data) <= min(h2_connection.max_outbound_frame_size,
+                                    h2_connection.local_flow_control_window(sid))
+        except h2.exceptions.ProtocolError:  # the stream is gone: nothing to send
+            return
+        if fits:  # the usual answer: one frame, within the window
+            self._send(lambda: h2_connection.send_data(sid, data))
+            return
         self._pending[sid] = [bytearray(data), None]
         self._resume(sid)
 
