@@ -245,7 +245,8 @@ class Connection(Outbound, asyncio.Protocol):
 
     def _on_data(self, event: Any) -> None:
         sid = event.stream_id
-        self._h2.acknowledge_received_data(event.flow_controlled_length, sid)
+        if event.flow_controlled_length:  # not for an empty END_STREAM frame (~1.5 µs)
+            self._h2.acknowledge_received_data(event.flow_controlled_length, sid)
         call = self.calls.get(sid)
         if call is None or call.finished or call.failed:
             return

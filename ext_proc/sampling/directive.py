@@ -26,7 +26,7 @@ class BudgetGate(Protocol):
     def acquire(self) -> bool: ...
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built per request, ~0.7 µs less
 class RequestFacts:
     """The request attributes sampling rules can match on."""
 
