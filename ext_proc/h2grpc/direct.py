@@ -74,6 +74,7 @@ class DirectCall:
         self._cancelled = False
         self._closed_unanswered = False
         self._unanswered = False  # `answered` is due
+        self._in_flight = False  # an answer of this read is not written yet
         self._ended = False  # `end` is due or done
         self._end_told = False
         self._queued = False  # in the connection's list of calls to settle
@@ -103,7 +104,9 @@ class DirectCall:
 
     def deliver(self, payload: bytes) -> None:
         """One whole request message: answer it now."""
-        if self._unanswered:  # a second message in one read: record the first first
+        if self._unanswered:  # a second message in one read: the first is answered and
+            self._connection.flush()  # recorded before this one is handled
+            self._in_flight = False
             self._settle()
         try:
             request = self._method.request_deserializer(payload)
@@ -121,6 +124,7 @@ class DirectCall:
         self._queue()
         if data is None:
             return
+        self._in_flight = True
         connection = self._connection
         if not self.headers_sent:
             self.headers_sent = True
@@ -130,7 +134,7 @@ class DirectCall:
     def end_of_requests(self) -> None:
         """The peer closed its side: the call ends OK."""
         self.half_closed = True
-        self._closed_unanswered = self._unanswered  # read with the message: before our answer
+        self._closed_unanswered = self._in_flight  # read with the message: before our answer
         self._finish(grpc.StatusCode.OK, "", cancelled=False)
 
     def fail(self, error: AbortError) -> None:
@@ -141,6 +145,8 @@ class DirectCall:
 
     def reset(self) -> None:
         """The peer reset the stream, or the connection is gone."""
+        if self.finished:  # it had ended already: that ending stands
+            return
         self.finished = True
         self._cancelled = True
         self._ended = True
@@ -171,6 +177,7 @@ class DirectCall:
     def settle(self) -> None:
         """Run what is due, in order: `answered`, then `end` (once)."""
         self._queued = False
+        self._in_flight = False
         self._settle()
 
     def _settle(self) -> None:

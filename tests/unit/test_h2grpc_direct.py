@@ -115,6 +115,9 @@ async def test_two_messages_in_one_frame_are_each_recorded_before_the_next() -> 
         assert recorder.log == [("message", b"a"), ("answered", b"a"),
                                 ("message", b"silent"), ("answered", b"silent"),
                                 ("end", False, b"silent")]
+        # the end came with "silent", which has no answer to wait for (observability
+        # mode): not an abandoned stream
+        assert recorder.unanswered == [False]
 
 
 async def test_each_stream_runs_in_a_context_of_its_own() -> None:
