@@ -8,8 +8,10 @@ rest of a span's life. `LeanTracer` starts spans exactly as the SDK's tracer doe
 span context and trace flags) but records into a plain object that becomes one SDK
 `ReadableSpan` at ``end``, handed to the same processors, so batching, keep-errors
 sampling and every exporter work unchanged. Attribute values are checked and
-capped (``OTEL_[SPAN_]ATTRIBUTE_VALUE_LENGTH_LIMIT``) as the SDK would.
-Sessions run on the event loop, one at a time, so no lock is needed.
+capped (``OTEL_[SPAN_]ATTRIBUTE_VALUE_LENGTH_LIMIT`` and ``_COUNT_LIMIT``) as the
+SDK would. Sessions run on the event loop, one at a time, so no lock is needed.
+Not done, unlike the SDK's tracer: ``on_start``/``_on_ending`` calls into the span
+processors (ours do nothing there) and the SDK's own ``otel.sdk.span.*`` metrics.
 """
 
 from __future__ import annotations
@@ -44,13 +46,15 @@ class LeanTracer(trace_api.Tracer):
     """Starts `LeanSpan`s with what `tracer` (an SDK tracer) would use."""
 
     def __init__(self, tracer: SdkTracer, scope: InstrumentationScope,
-                 max_attribute_length: int | None) -> None:
+                 max_attribute_length: int | None,
+                 max_attributes: int | None = MAX_ATTRIBUTES) -> None:
         self._sampler = tracer.sampler
         self._ids = tracer.id_generator
         self._resource = tracer.resource
         self._processor: SpanProcessor = tracer.span_processor
         self._scope = scope
         self._max_length = max_attribute_length
+        self._max_count = max_attributes if max_attributes is not None else 1 << 62
 
     def start_span(self, name: str, context: Context | None = None,
                    kind: SpanKind = SpanKind.INTERNAL, attributes: Attributes = None,
@@ -137,7 +141,7 @@ class LeanSpan(trace_api.Span):
             kind = type(value)
             # the common case inline: a new key, a short string or a number, room left
             if (kind in _SCALARS and type(key) is str and key and key not in own
-                    and len(own) < MAX_ATTRIBUTES
+                    and len(own) < self._tracer._max_count
                     and (kind is not str or limit is None or len(value) <= limit)):  # type: ignore[arg-type]
                 own[key] = value
             else:
@@ -158,7 +162,9 @@ class LeanSpan(trace_api.Span):
             value = BoundedAttributes(None, {key: value}, True,
                                       self._tracer._max_length).get(key)  # the SDK's rules
         attributes = self._attributes
-        if key not in attributes and len(attributes) >= MAX_ATTRIBUTES:
+        if key in attributes:
+            del attributes[key]  # set again: it moves to the end, as in the SDK
+        elif len(attributes) >= self._tracer._max_count:
             del attributes[next(iter(attributes))]  # the oldest goes, as in the SDK
             self._dropped += 1
         attributes[key] = value

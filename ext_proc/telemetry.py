@@ -140,7 +140,8 @@ def build_telemetry(
         provider.add_span_processor(wrap(processor) if wrap is not None else processor)
     scope = InstrumentationScope(INSTRUMENTATION_NAME, ext_proc.__version__)
     sdk_tracer = cast(SdkTracer, provider.get_tracer(scope.name, scope.version))
-    tracer = LeanTracer(sdk_tracer, scope, limits.max_attribute_length)
+    tracer = LeanTracer(sdk_tracer, scope, limits.max_attribute_length,
+                        limits.max_span_attributes)
     return Telemetry(provider, tracer)
 
 

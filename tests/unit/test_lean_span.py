@@ -57,16 +57,16 @@ class Capture(SpanProcessor):
 
 
 def tracers(sampler: Sampler | None = None, max_length: int | None = 16,
-            ) -> tuple[SdkTracer, LeanTracer, Capture]:
+            max_count: int | None = None) -> tuple[SdkTracer, LeanTracer, Capture]:
     from opentelemetry.sdk.trace import SpanLimits
     capture = Capture()
+    limits = SpanLimits(max_attribute_length=max_length, max_span_attributes=max_count)
     provider = TracerProvider(resource=Resource({"service.name": "gw"}), sampler=sampler,
-                              id_generator=Counting(),
-                              span_limits=SpanLimits(max_attribute_length=max_length))
+                              id_generator=Counting(), span_limits=limits)
     provider.add_span_processor(capture)
     sdk = provider.get_tracer(SCOPE.name, SCOPE.version)
     assert isinstance(sdk, SdkTracer)
-    return sdk, LeanTracer(sdk, SCOPE, max_length), capture
+    return sdk, LeanTracer(sdk, SCOPE, max_length, limits.max_span_attributes), capture
 
 
 def exchange(tracer: Any, parent: SpanContext | None) -> None:
@@ -124,6 +124,7 @@ def odd_attributes(tracer: Any) -> None:
                          "nested": [["abcdefg"]]})
     for i in range(MAX_ATTRIBUTES + 1):
         span.set_attribute(f"k{i}", i)
+    span.set_attribute("k5", "again")  # set again: it moves to the end
     span.end(end_time=2)
     span.set_attribute("late", 1)  # after the end: ignored
     span.end()  # ends once
@@ -141,6 +142,18 @@ def test_attribute_rules_are_the_sdks() -> None:
     attributes = dict(ended.attributes or {})
     assert len(attributes) == MAX_ATTRIBUTES and "late" not in attributes
     assert ended.dropped_attributes == sdk_capture.ended[0].dropped_attributes > 0
+
+
+def test_a_configured_attribute_count_limit_is_the_sdks() -> None:
+    sdk, _, sdk_capture = tracers(max_count=5)
+    _, lean, lean_capture = tracers(max_count=5)
+    for tracer in (sdk, lean):
+        span = tracer.start_span("x", start_time=1)
+        span.set_attributes({f"k{i}": i for i in range(9)})
+        span.set_attribute("k6", -1)
+        span.end(end_time=2)
+    assert encode_spans(lean_capture.ended) == encode_spans(sdk_capture.ended)
+    assert list(lean_capture.ended[0].attributes or {}) == ["k4", "k5", "k7", "k8", "k6"]
 
 
 def test_status_rules_follow_the_sdk() -> None:
