@@ -20,6 +20,7 @@ from ext_proc.access_log_service import FinalFacts
 from ext_proc.envoy_attrs import EnvoyAttributes
 from ext_proc.headers import Carrier, carrier_from_headers, first, header_mutation
 from ext_proc.outcome import apply, client_outcome, exchange_outcome
+from ext_proc.redaction import REDACTED
 from ext_proc.request_info import RequestInfo, request_info
 from ext_proc.responses import APPENDED, RESPONSE_PHASE, empty_response, trace_metadata
 from ext_proc.route_options import DEFAULT, RouteOptions
@@ -191,6 +192,7 @@ class StreamSession:
                     span.update_name(f"{facts.span_name} {route}")
         except Exception:
             logger.opt(exception=True).error("recording request attributes failed")
+            span.set_attribute(sc.URL_PATH, REDACTED)  # never leave the raw path behind
 
     def _end_client(self) -> None:
         """End the upstream CLIENT span, if any, with what Envoy said of the upstream."""

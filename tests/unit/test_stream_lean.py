@@ -150,3 +150,29 @@ async def test_the_answer_is_a_request_headers_answer_even_with_nothing_to_chang
     assert answer.WhichOneof("response") == "request_headers"
     assert not answer.request_headers.response.header_mutation.set_headers
     assert answer.dynamic_metadata.fields["extproc_otel"].struct_value.fields["trace_id"]
+
+
+class FailingPolicy:
+    """A policy whose request attributes fail (a bug, a hostile header)."""
+
+    wants_response = False
+
+    def tenant(self, carrier: object, options: object) -> None:
+        return None
+
+    def sampling_context(self, parent: object, carrier: object, **facts: object) -> object:
+        return parent
+
+    def request_attributes(self, *args: object) -> dict[str, object]:
+        raise RuntimeError("boom")
+
+
+async def test_a_failure_while_recording_leaves_no_raw_path_behind() -> None:
+    rig = Rig(join=False)
+    deps = dataclasses.replace(rig.deps, policy=FailingPolicy())  # type: ignore[arg-type]
+    session = StreamSession(deps)
+    session.handle(request())
+    session.record()
+    session.close()
+    assert rig.span().attributes is not None
+    assert rig.span().attributes["url.path"] == "REDACTED"
