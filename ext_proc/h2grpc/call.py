@@ -72,7 +72,31 @@ def metadata_of(headers: Headers) -> tuple[tuple[str, Any], ...]:
                  for key, value in headers if not key.startswith(b":"))
 
 
-class Call:
+class Replies:
+    """What a call sends on its stream, in order: response headers once, messages,
+    trailers (trailers-only when no message went out). Shared by `Call` and
+    `ext_proc.h2grpc.direct.DirectCall`."""
+
+    _connection: Connection
+    stream_id: int
+    headers_sent: bool
+
+    def _send_message(self, data: bytes) -> None:
+        if not self.headers_sent:
+            self.headers_sent = True
+            self._connection.send_headers(self.stream_id, RESPONSE_HEADERS)
+        self._connection.send_data(self.stream_id,
+                                   b"\0" + len(data).to_bytes(4, "big") + data)
+
+    def _send_trailers(self, code: grpc.StatusCode, details: str) -> None:
+        block = trailers(code, details)
+        if not self.headers_sent:  # trailers-only
+            self.headers_sent = True
+            block = RESPONSE_HEADERS + block
+        self._connection.send_trailers(self.stream_id, block)
+
+
+class Call(Replies):
     """The server side of one stream: what the handler reads, writes and ends."""
 
     def __init__(self, connection: Connection, stream_id: int, handler: Any,
@@ -195,12 +219,8 @@ class Call:
     def send(self, message: Any) -> None:
         if self.finished:
             return
-        data = self._handler.response_serializer(message)
-        if not self.headers_sent:
-            self.headers_sent = True
-            self._connection.send_headers(self.stream_id, RESPONSE_HEADERS)
+        self._send_message(self._handler.response_serializer(message))
         connection = self._connection
-        connection.send_data(self.stream_id, b"\0" + len(data).to_bytes(4, "big") + data)
         if not connection.busy():
             # Nothing else waits to run: the answer leaves now, before the handler
             # records. In a burst, answers leave together at the end of the loop
@@ -259,8 +279,4 @@ class Call:
         if self.finished:
             return
         self.finished = True
-        block = trailers(code, details)
-        if not self.headers_sent:  # trailers-only
-            self.headers_sent = True
-            block = RESPONSE_HEADERS + block
-        self._connection.send_trailers(self.stream_id, block)
+        self._send_trailers(code, details)

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 import grpc
 from loguru import logger
 
-from ext_proc.h2grpc.call import RESPONSE_HEADERS, AbortError, Headers, trailers
+from ext_proc.h2grpc.call import RESPONSE_HEADERS, AbortError, Headers, Replies, trailers
 
 if TYPE_CHECKING:
     from ext_proc.h2grpc.connection import Connection
@@ -53,7 +53,7 @@ class DirectMethod(NamedTuple):
     refusal: str = "unavailable"  # grpc-message of a refused stream
 
 
-class DirectCall:
+class DirectCall(Replies):
     """One stream of a `DirectMethod`: what `Connection` needs of a call."""
 
     task = None  # no task: the server's stop has nothing to cancel
@@ -125,11 +125,7 @@ class DirectCall:
         if data is None:
             return
         self._in_flight = True
-        connection = self._connection
-        if not self.headers_sent:
-            self.headers_sent = True
-            connection.send_headers(self.stream_id, RESPONSE_HEADERS)
-        connection.send_data(self.stream_id, b"\0" + len(data).to_bytes(4, "big") + data)
+        self._send_message(data)
 
     def end_of_requests(self) -> None:
         """The peer closed its side: the call ends OK."""
@@ -157,11 +153,7 @@ class DirectCall:
         if self.finished:
             return
         self.finished = True
-        block = trailers(code, details)
-        if not self.headers_sent:
-            self.headers_sent = True
-            block = RESPONSE_HEADERS + block
-        self._connection.send_trailers(self.stream_id, block)
+        self._send_trailers(code, details)
         self._cancelled = cancelled
         self._ended = True
         self._connection.forget(self)
