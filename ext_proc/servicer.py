@@ -85,27 +85,27 @@ class Exchange:
     """One ext_proc stream: answer each message first, record after, end once
     (an `ext_proc.h2grpc.direct.DirectStream`; `Process` drives it on grpc.aio)."""
 
-    __slots__ = ("_correlated", "_elapsed", "_phase", "_processor", "session")
+    __slots__ = ("_correlated", "_elapsed", "_processor", "_request", "session")
 
     def __init__(self, processor: ExternalProcessor, session: StreamSession) -> None:
         self._processor = processor
         self.session = session
         self._correlated = False
-        self._phase: str | None = None
+        self._request: pb.ProcessingRequest | None = None
         self._elapsed = 0
 
     def message(self, request: pb.ProcessingRequest) -> pb.ProcessingResponse | None:
         started = time.perf_counter_ns()
         response = self.session.handle(request)
         self._elapsed = time.perf_counter_ns() - started
-        self._phase = request.WhichOneof("request")
+        self._request = request  # its phase is looked up after the answer
         return None if request.observability_mode else response
 
     def answered(self) -> None:
         session = self.session
         timer = self._processor._phase_timer
-        if timer is not None:
-            timer(self._phase, self._elapsed)
+        if timer is not None and self._request is not None:
+            timer(self._request.WhichOneof("request"), self._elapsed)
         if not self._correlated and session.span is not None:
             # Each stream runs in a context of its own (its task, or its direct
             # call's), so the span stays current for every later log line of this
