@@ -151,9 +151,10 @@ class StreamSession:
         extra = self._propagator.response_headers(self.span.get_span_context())
         if not extra:
             return empty_response("response_headers")
-        return pb.ProcessingResponse(response_headers=pb.HeadersResponse(
-            response=pb.CommonResponse(header_mutation=header_mutation(extra, append=APPENDED))
-        ))
+        answer = pb.ProcessingResponse()  # filled in place, as the request's answer
+        header_mutation(extra, append=APPENDED,
+                        into=answer.response_headers.response.header_mutation)
+        return answer
 
     # -- recording (after the answer is written) --------------------------------
 
