@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import shutil
 import signal
 import socket
@@ -20,8 +21,39 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 TLS_SERVER_NAME: Final = "extproc-otel"  # the SAN envoy-mtls.yaml expects of the sidecar
 
 
+_EPHEMERAL: Final = Path("/proc/sys/net/ipv4/ip_local_port_range")
+_LOWEST: Final = 10_000
+_handed: set[int] = set()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = (int(part) for part in _EPHEMERAL.read_text().split())
+    except (OSError, ValueError):
+        return 32_768, 60_999  # Linux's default
+    return low, high
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+    """A loopback port free right now, for a child process to bind a moment later.
+
+    Chosen below the kernel's ephemeral range: a port from inside it (what binding
+    port 0 returns) can be taken meanwhile by the local end of any outbound
+    connection, which made a stack fail to start ("Address already in use"). Not
+    handed out twice by this process."""
+    low, _ = _ephemeral_range()
+    for _ in range(200 if low - _LOWEST >= 1_000 else 0):
+        port = random.randrange(_LOWEST, low)
+        if port in _handed:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed.add(port)
+        return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:  # no such range here
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
