@@ -53,6 +53,15 @@ def _env_int(env: Mapping[str, str], name: str, default: int) -> int:
 # ~4.4 KiB of memory per queued span (docs/reliability.md, section 3b).
 DEFAULT_QUEUE_SIZE: Final = 16384
 
+# Seconds: one OTLP export takes ~1 ms on loopback, tens of ms to a remote collector,
+# and up to OTEL_BSP_EXPORT_TIMEOUT (30 s) when it hangs. Without this advice the SDK
+# uses its default bounds (0, 5, 10 ... 10000), sized for milliseconds: every export
+# fell in the first bucket and the dashboard's p95 read ~4.75 s.
+EXPORT_DURATION_BUCKETS: Final = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    30.0,
+)
+
 
 class SpanPipelineStats:
     """Thread-safe counters shared by the processor (event loop) and the exporter (worker)."""
@@ -104,7 +113,8 @@ class SpanPipelineStats:
     def observe(self, meter: Meter) -> None:
         """Expose the counters as instruments of `meter` (called once)."""
         self._duration = meter.create_histogram(
-            EXPORT_DURATION, unit="s", description="Duration of span export operations.")
+            EXPORT_DURATION, unit="s", description="Duration of span export operations.",
+            explicit_bucket_boundaries_advisory=EXPORT_DURATION_BUCKETS)
         meter.create_observable_counter(
             PROCESSED, [self._processed], unit="{span}",
             description="Spans whose processing finished (error.type set: dropped).")

@@ -17,6 +17,7 @@ from ext_proc.devstack import wait_until
 from ext_proc.metrics.spans import (
     DEFAULT_QUEUE_SIZE,
     EXPORT_DURATION,
+    EXPORT_DURATION_BUCKETS,
     EXPORTED,
     PROCESSED,
     QUEUE_CAPACITY,
@@ -164,3 +165,25 @@ def test_build_telemetry_counts_through_the_bounded_processor() -> None:
     telemetry.tracer.start_span("x").end()
     telemetry.shutdown()
     assert stats.exported == 1 and len(exporter.get_finished_spans()) == 1
+
+
+def test_export_duration_buckets_are_sized_for_seconds() -> None:
+    """The histogram's unit is s: its bounds must resolve a 1 ms export (the SDK default
+    bounds 0, 5, 10 ... 10000 put every export below 5 s in one bucket, issue #16)."""
+    stats = SpanPipelineStats()
+    reader = InMemoryMetricReader()
+    stats.observe(MeterProvider(metric_readers=[reader]).get_meter("t"))
+    provider = tracer_with(BoundedSpanProcessor(InMemorySpanExporter(), stats, FAST))
+    provider.get_tracer("t").start_span("x").end()
+    provider.force_flush()
+    wait_until(lambda: stats.exported == 1, 5, "the export to be counted")
+    data = reader.get_metrics_data()
+    assert data is not None
+    metric = next(m for rm in data.resource_metrics for sm in rm.scope_metrics
+                  for m in sm.metrics if m.name == EXPORT_DURATION)
+    assert metric.unit == "s"
+    (point,) = metric.data.data_points
+    assert tuple(point.explicit_bounds) == EXPORT_DURATION_BUCKETS
+    assert point.explicit_bounds[0] <= 0.001 and point.explicit_bounds[-1] >= 30
+    assert point.bucket_counts[0] + point.bucket_counts[1] + point.bucket_counts[2] == 1
+    provider.shutdown()
