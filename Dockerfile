@@ -10,20 +10,27 @@
 # EXTPROC_SERVER__LISTEN=0.0.0.0:50051 and either TLS (docs/security.md) or the
 # explicit plaintext opt-in EXTPROC_SERVER__ALLOW_INSECURE_NON_LOOPBACK=true.
 #
-# Stage 1 generates the protobuf modules (gitignored, made by grpcio-tools) and
-# builds a wheel; stage 2 installs only that wheel and its runtime dependencies.
+# Stage 1 builds the wheel exactly as tests/e2e/test_artifacts.py does (its command is
+# read from this file): setup.py generates the protobuf modules with the grpcio-tools
+# pinned in pyproject's build-system.requires. Stage 2 installs only that wheel and its
+# runtime dependencies (envoy-data-plane included: `extproc-otel envoy-config` works
+# in the image). The test installs the wheel with stage 2's own command into a fresh
+# venv, serves behind a real Envoy and runs every `envoy-config` format.
+#
+# Not exercised here (no Docker engine on the project's machines): the image build
+# itself, the base image's contents, USER/HEALTHCHECK as Docker runs them, and a
+# read-only root filesystem. tests/unit/test_deploy_docker.py checks those statically
+# and runs the HEALTHCHECK command against a real sidecar.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
-RUN pip install "grpcio-tools>=1.66"
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py MANIFEST.in README.md CHANGELOG.md ./
 COPY proto ./proto
 COPY ext_proc ./ext_proc
-RUN python proto/generate.py \
- && pip wheel --no-deps --wheel-dir /wheels .
+RUN pip wheel --no-deps --wheel-dir /wheels .
 
 FROM ${PYTHON_IMAGE}
 # Read-only root filesystem friendly: no bytecode writes, HOME and the working

@@ -7,7 +7,7 @@ GEN    := ext_proc/_gen/.generated
 PROTOS := $(shell find proto -name '*.proto')
 PYTEST_ARGS ?=
 
-.PHONY: all demo test unit e2e lint proto bench clean venv tools soak
+.PHONY: all demo test unit e2e lint proto bench clean venv tools soak dist
 
 all: test
 
@@ -24,6 +24,12 @@ proto: $(GEN)
 $(GEN): $(STAMP) $(PROTOS) proto/generate.py
 	$(PY) proto/generate.py
 	touch $@
+
+# The wheel and sdist users install (dist/): the sdist first, then the wheel built from
+# it, so a file missing from the sdist fails here. setup.py generates ext_proc/_gen.
+dist: $(STAMP)
+	rm -rf dist
+	$(PY) -m build --outdir dist .
 
 demo: $(GEN)
 	$(PY) -m ext_proc.demo $(DEMO_ARGS)
@@ -59,4 +65,4 @@ lint: $(GEN)
 	$(PY) -m mypy ext_proc bench
 
 clean:
-	rm -rf $(VENV) ext_proc/_gen .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) ext_proc/_gen dist build .pytest_cache .mypy_cache .ruff_cache

@@ -14,6 +14,7 @@ from typing import Any
 
 import click
 
+import ext_proc
 from ext_proc.config import ConfigError, Settings, load_settings
 
 _config_option = click.option(
@@ -42,7 +43,7 @@ def _overrides(**sections: dict[str, Any]) -> dict[str, Any]:
 
 
 @click.group()
-@click.version_option(package_name="extproc-otel")
+@click.version_option(ext_proc.__version__, prog_name="extproc-otel")
 def main() -> None:
     """Envoy ext_proc sidecar that traces every request with OpenTelemetry."""
 

@@ -126,6 +126,7 @@ class Stack:
         mutate_config: Callable[[Config], None] | None = None,
         envoy_source: Path = ENVOY_YAML,
         sidecar_credentials: grpc.ChannelCredentials | None = None,  # for a TLS listener
+        sidecar_command: Sequence[str] | None = None,  # an installed `extproc-otel`
     ) -> None:
         self.workdir = workdir
         self.sidecar_credentials = sidecar_credentials
@@ -148,9 +149,11 @@ class Stack:
             env.update(OTEL_TRACES_EXPORTER="none", OTEL_METRICS_EXPORTER="none",
                        OTEL_LOGS_EXPORTER="none")
         py = sys.executable
-        self.sidecar = Proc("sidecar", [py, "-m", "ext_proc", "serve", "--listen",
+        command = list(sidecar_command or [py, "-m", "ext_proc"])
+        self.sidecar = Proc("sidecar", [*command, "serve", "--listen",
                                         f"127.0.0.1:{self.ports.sidecar}", *sidecar_args],
-                            workdir / "sidecar.log", {**env, **(sidecar_env or {})})
+                            workdir / "sidecar.log", {**env, **(sidecar_env or {})},
+                            cwd=workdir if sidecar_command else None)
         self.users = Proc("users", [py, "-m", "ext_proc.demo.users_service", "--listen",
                                     f"127.0.0.1:{self.ports.users}",
                                     "--db", str(workdir / "users.db")],

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Final, TypeVar, cast
 
-from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+from opentelemetry.sdk.resources import SERVICE_NAME, SERVICE_VERSION, Resource
 from opentelemetry.sdk.trace import SpanLimits, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace import Tracer as SdkTracer
 from opentelemetry.sdk.trace.export import (
@@ -41,7 +41,9 @@ class TelemetryConfigError(ValueError):
 
 
 def build_resource() -> Resource:
-    resource = Resource.create()
+    """OTEL_SERVICE_NAME / OTEL_RESOURCE_ATTRIBUTES over our defaults: service.name
+    `extproc-otel` and service.version the package's version."""
+    resource = Resource({SERVICE_VERSION: ext_proc.__version__}).merge(Resource.create())
     if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
         resource = resource.merge(Resource({SERVICE_NAME: DEFAULT_SERVICE_NAME}))
     return resource

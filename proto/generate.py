@@ -28,7 +28,7 @@ def main() -> int:
     if protoc.main(args) != 0:
         print("protoc failed", file=sys.stderr)
         return 1
-    for path in OUT.rglob("*.py*"):
+    for path in [*OUT.rglob("*.py"), *OUT.rglob("*.pyi")]:
         text = path.read_text()
         fixed = _IMPORT.sub(
             lambda m: f"from ext_proc._gen.{m.group(1)}{m.group(2) or ''} import ", text)
