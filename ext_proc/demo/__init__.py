@@ -2,13 +2,16 @@
 
 This package module holds the few helpers both demo services share: OTLP trace
 export configured from the standard ``OTEL_*`` variables, flat JSON log lines
-with trace correlation, and ``HOST:PORT`` parsing. Each service's ``main`` calls
-them once at start-up (the process entry point is the composition root).
+with trace correlation (also sent as OTLP log records with ``--otlp-logs``, as
+the compose stack does to get them into Loki), and ``HOST:PORT`` parsing. Each
+service's ``main`` calls them once at start-up (the process entry point is the
+composition root).
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -88,15 +91,32 @@ def configure_logging(service: str, stream: TextIO | None = None) -> None:
     logger.configure(extra={"service": service})
 
 
+def install_otlp_logs(provider: TracerProvider) -> None:
+    """Send every log record also through the OTel logs SDK (exporter from
+    ``OTEL_LOGS_EXPORTER``, default otlp), with the span's trace_id/span_id and the
+    tracer provider's resource; flushed at exit."""
+    from ext_proc.config.telemetry import OtlpLogsSettings
+    from ext_proc.otlp_logs import build_otlp_logs
+
+    pipeline = build_otlp_logs(OtlpLogsSettings(enabled=True), provider.resource)
+    if pipeline is not None:
+        pipeline.install()
+        atexit.register(pipeline.shutdown)
+
+
 def service_args(
     parser: argparse.ArgumentParser, argv: Sequence[str] | None, service: str,
 ) -> tuple[argparse.Namespace, tuple[str, int], TracerProvider]:
     """Parse a demo service's command line (it must have ``--listen``), then set up its
     tracer provider and correlated logging from the standard OTEL_* variables."""
+    parser.add_argument("--otlp-logs", action="store_true",
+                        help="also send the log lines as OTLP log records (OTEL_LOGS_EXPORTER)")
     args = parser.parse_args(argv)
     address = parse_listen(args.listen)
     if address is None:
         parser.error(f"--listen must be HOST:PORT, got {args.listen!r}")
     provider = build_tracer_provider(service, os.environ)
     configure_logging(str(provider.resource.attributes.get("service.name", service)))
+    if args.otlp_logs:
+        install_otlp_logs(provider)
     return args, address, provider
