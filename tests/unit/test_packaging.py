@@ -74,3 +74,10 @@ def test_service_version_defaults_to_the_package_version(
     assert attributes["service.name"] == "extproc-otel"
     monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "service.version=2026.12-canary")
     assert build_resource().attributes["service.version"] == "2026.12-canary"
+
+
+def test_shipped_manifests_run_the_image_of_this_version() -> None:
+    tags = set()
+    for path in (ROOT / "envoy").rglob("*.yaml"):
+        tags |= set(re.findall(r"image: extproc-otel:(\S+)", path.read_text()))
+    assert tags == {ext_proc.__version__}
