@@ -237,7 +237,7 @@ async def serve(settings: Settings) -> None:
 
 def run(settings: Settings) -> None:
     """`serve` on the event loop `server.event_loop` names (uvloop when installed, by
-    default: it halves grpc.aio's wake-up latency; see README, Performance)."""
+    default: it halves grpc.aio's wake-up latency; see bench/README.md)."""
     factory = None
     if settings.server.event_loop != "asyncio":
         try:

@@ -28,7 +28,7 @@ def _load(config_file: Path | None, overrides: dict[str, Any]) -> Settings:
 
     for name in unknown_env_vars(os.environ):
         click.echo(f"warning: {name} names no setting; ignored "
-                   "(see README, Configuration reference)", err=True)
+                   "(see docs/configuration.md)", err=True)
     try:
         return load_settings(config_file, **overrides)
     except ConfigError as exc:

@@ -58,7 +58,7 @@ class ServerSettings(BaseModel):
         "h2",
         description=(
             "gRPC server: h2 (HTTP/2 on the event loop, ext_proc.h2grpc: ~50 % less CPU "
-            "per request, 2x the throughput; see README, Performance) or grpcio "
+            "per request, 2x the throughput; see bench/README.md) or grpcio "
             "(grpc.aio)."
         ),
     )

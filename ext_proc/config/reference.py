@@ -1,4 +1,4 @@
-"""The configuration reference (README), generated from the settings models."""
+"""The configuration reference (docs/configuration.md), generated from the settings models."""
 
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ START = "<!-- config-reference:start -->"
 END = "<!-- config-reference:end -->"
 
 
-def update_readme(text: str) -> str:
+def update_reference(text: str) -> str:
     """`text` with the block between the reference markers regenerated."""
     head, _, rest = text.partition(START)
     _, _, tail = rest.partition(END)
@@ -77,5 +77,5 @@ if __name__ == "__main__":
     import sys
     from pathlib import Path
 
-    readme = Path(sys.argv[1] if len(sys.argv) > 1 else "README.md")
-    readme.write_text(update_readme(readme.read_text()))
+    target = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/configuration.md")
+    target.write_text(update_reference(target.read_text()))

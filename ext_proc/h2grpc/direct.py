@@ -13,7 +13,7 @@ answer could reach it. Each stream's callbacks run in a `contextvars.Context` of
 own, as a task would run them.
 
 For the ext_proc stream this saves the per-stream task and the hops between
-the generator, the request iterator and the loop (README, Performance).
+the generator, the request iterator and the loop (bench/README.md).
 """
 
 from __future__ import annotations
