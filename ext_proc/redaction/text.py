@@ -24,7 +24,9 @@ _FLAGS: Final = re.ASCII  # \s is [ \t\n\r\f\v], matching the cheap pre-checks b
 _USERINFO: Final = re.compile(r"://[^/?#\s]*@", _FLAGS)
 _SCHEME_CREDENTIAL: Final = re.compile(
     r"((?<![A-Za-z0-9_\-])(?:" + "|".join(_SCHEMES) + r")\s+)"
-    r"[A-Za-z0-9\-._~+/]{" + str(_MIN_CREDENTIAL) + r",}=*",
+    # token68 is padded with "=" only at its end; anything past that (DPoP password=x)
+    # is masked too, so a credential-looking "name=" never leaves the value after it.
+    r"[A-Za-z0-9\-._~+/]{" + str(_MIN_CREDENTIAL) + r",}[A-Za-z0-9\-._~+/=]*",
     _FLAGS | re.IGNORECASE,
 )
 _JWT: Final = re.compile(r"(?<![A-Za-z0-9_\-])eyJ[A-Za-z0-9_\-]*\.[A-Za-z0-9_\-.]*", _FLAGS)
