@@ -32,7 +32,7 @@ dist: $(STAMP)
 	$(PY) -m build --outdir dist .
 
 demo: $(GEN)
-	$(PY) -m ext_proc.demo $(DEMO_ARGS)
+	$(PY) -m ext_proc.dev.demo $(DEMO_ARGS)
 
 # Debian's prometheus: the metrics e2e test scrapes the sidecar with it (CI runs as root).
 # Debian's wrk: the load generator of `make bench` (and of its smoke test in `make test`).
@@ -58,7 +58,7 @@ e2e: $(GEN) tools
 
 # Steady load through the real stack for SOAK_SECONDS (default 180); not part of `test`.
 soak: $(GEN)
-	SOAK_SECONDS=$${SOAK_SECONDS:-180} $(PY) -m ext_proc.soak
+	SOAK_SECONDS=$${SOAK_SECONDS:-180} $(PY) -m ext_proc.dev.soak
 
 lint: $(GEN)
 	$(PY) -m ruff check ext_proc tests proto bench

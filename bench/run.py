@@ -39,8 +39,8 @@ from bench.variants import (
     proxy_config,
     upstream_config,
 )
-from ext_proc.devstack import ROOT, Ports, Proc, envoy_binary, free_port, wait_until
-from ext_proc.procs import envoy_stat, http_ok
+from ext_proc.dev.devstack import ROOT, Ports, Proc, envoy_binary, free_port, wait_until
+from ext_proc.dev.procs import envoy_stat, http_ok
 
 _NPROC: Final = os.cpu_count() or 1
 REQUESTS_STAT: Final = "http.ingress.downstream_rq_total"

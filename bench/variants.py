@@ -23,7 +23,7 @@ from typing import Any, Final
 
 import yaml
 
-from ext_proc.devstack import (
+from ext_proc.dev.devstack import (
     ENVOY_YAML,
     FULL_YAML,
     ROOT,

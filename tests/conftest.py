@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from loguru import logger
 
-from ext_proc.demo.receiver import OtlpReceiver
+from ext_proc.dev.demo.receiver import OtlpReceiver
 
 
 @pytest.fixture

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from ext_proc.demo.receiver import OtlpReceiver, ReceivedSpan
-from ext_proc.devstack import Config, Stack, free_port, hcm_of
-from ext_proc.soak import SidecarProbe, observed_stack
+from ext_proc.dev.demo.receiver import OtlpReceiver, ReceivedSpan
+from ext_proc.dev.devstack import Config, Stack, free_port, hcm_of
+from ext_proc.dev.soak import SidecarProbe, observed_stack
 from tests.e2e.conftest import gateway_spans, tag
 
 TRACEPARENT_IN_BODY: Final = b'"traceparent"'  # the echo upstream lists what it received

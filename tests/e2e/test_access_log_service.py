@@ -30,7 +30,7 @@ import pytest
 import yaml
 
 from ext_proc.access_log_service import AccessLogService, FinalFacts
-from ext_proc.devstack import (
+from ext_proc.dev.devstack import (
     Config,
     Ports,
     Proc,

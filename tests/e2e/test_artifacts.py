@@ -29,8 +29,16 @@ import pytest
 import yaml
 
 import ext_proc
-from ext_proc.demo.receiver import OtlpReceiver
-from ext_proc.devstack import ROOT, Proc, envoy_binary, free_port, grpc_serving, http_ok, wait_until
+from ext_proc.dev.demo.receiver import OtlpReceiver
+from ext_proc.dev.devstack import (
+    ROOT,
+    Proc,
+    envoy_binary,
+    free_port,
+    grpc_serving,
+    http_ok,
+    wait_until,
+)
 from ext_proc.envoy_config.embed import envoy_configs, envoy_validate, is_bootstrap
 from tests.dockerfile import build_context, run_commands, stages
 
@@ -204,7 +212,7 @@ def test_serve_behind_envoy_sends_a_span(installed: Installed, otlp: OtlpReceive
            "OTEL_BSP_SCHEDULE_DELAY": "100", "OTEL_METRICS_EXPORTER": "none"}
     logs = installed.scratch
     procs = [
-        Proc("users", [sys.executable, "-m", "ext_proc.demo.users_service", "--listen",
+        Proc("users", [sys.executable, "-m", "ext_proc.dev.demo.users_service", "--listen",
                        f"127.0.0.1:{users_port}", "--db", str(logs / "users.db")],
              logs / "users.log", {**_clean_env(), "OTEL_TRACES_EXPORTER": "none",
                                   "OTEL_METRICS_EXPORTER": "none"}),

@@ -16,7 +16,7 @@ from bench.variants import (
     proxy_config,
     upstream_config,
 )
-from ext_proc.devstack import Ports, envoy_binary, hcm_of
+from ext_proc.dev.devstack import Ports, envoy_binary, hcm_of
 from ext_proc.envoy_config.embed import envoy_validate
 
 pytestmark = pytest.mark.e2e

@@ -34,8 +34,8 @@ import pytest
 import yaml
 
 from ext_proc._gen.demo.v1 import users_pb2, users_pb2_grpc
-from ext_proc.demo.receiver import OtlpReceiver
-from ext_proc.devstack import Config, Stack, free_port, wait_until
+from ext_proc.dev.demo.receiver import OtlpReceiver
+from ext_proc.dev.devstack import Config, Stack, free_port, wait_until
 from tests.conftest import http_request
 from tests.e2e.conftest import SIDECAR_SERVICE, gateway_spans
 from tests.e2e.test_metrics import Prometheus

@@ -6,8 +6,8 @@ import statistics
 
 import pytest
 
-from ext_proc.demo.receiver import OtlpReceiver, ReceivedSpan
-from ext_proc.devstack import Stack, wait_until
+from ext_proc.dev.demo.receiver import OtlpReceiver, ReceivedSpan
+from ext_proc.dev.devstack import Stack, wait_until
 from tests.conftest import http_request
 from tests.e2e.conftest import (
     SERVER_KIND,

@@ -16,8 +16,8 @@ import grpc
 import pytest
 
 from ext_proc._gen.demo.v1 import users_pb2, users_pb2_grpc
-from ext_proc.demo.receiver import OtlpReceiver, ReceivedSpan
-from ext_proc.devstack import (
+from ext_proc.dev.demo.receiver import OtlpReceiver, ReceivedSpan
+from ext_proc.dev.devstack import (
     ENVOY_YAML,
     FULL_YAML,
     Config,

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from ext_proc.config import Settings
-from ext_proc.devstack import ROOT, envoy_binary, rewrite_tls_dir
+from ext_proc.dev.devstack import ROOT, envoy_binary, rewrite_tls_dir
 from ext_proc.envoy_config import EG_ATTRIBUTE, EXT_PROC_FILTER, FORMATS, options_for, render
 from ext_proc.envoy_config.embed import (
     Fragments,

@@ -10,8 +10,8 @@ import grpc
 import pytest
 
 from ext_proc._gen.demo.v1 import users_pb2, users_pb2_grpc
-from ext_proc.demo.receiver import OtlpReceiver
-from ext_proc.devstack import ENVOY_YAML, Stack, wait_until
+from ext_proc.dev.demo.receiver import OtlpReceiver
+from ext_proc.dev.devstack import ENVOY_YAML, Stack, wait_until
 from tests.conftest import http_request
 from tests.e2e.conftest import (
     STATUS_ERROR,

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
-from ext_proc.demo.receiver import OtlpReceiver, ReceivedSpan, decode_spans
-from ext_proc.devstack import Stack, wait_until
-from ext_proc.procs import grpc_health
+from ext_proc.dev.demo.receiver import OtlpReceiver, ReceivedSpan, decode_spans
+from ext_proc.dev.devstack import Stack, wait_until
+from ext_proc.dev.procs import grpc_health
 from tests.conftest import Reply, http_request
 from tests.e2e.conftest import tag, wait_gateway_span, with_query
 

@@ -9,8 +9,8 @@ import grpc
 import pytest
 
 from ext_proc._gen.demo.v1 import users_pb2, users_pb2_grpc
-from ext_proc.demo.receiver import OtlpReceiver, ReceivedSpan
-from ext_proc.devstack import Stack
+from ext_proc.dev.demo.receiver import OtlpReceiver, ReceivedSpan
+from ext_proc.dev.devstack import Stack
 from tests.conftest import http_request
 from tests.e2e.conftest import gateway_spans, tag, wait_gateway_span, with_query
 

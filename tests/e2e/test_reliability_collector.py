@@ -17,10 +17,10 @@ from typing import Final
 
 import pytest
 
-from ext_proc.demo.receiver import OtlpReceiver
-from ext_proc.devstack import wait_until
-from ext_proc.loadgen import Load
-from ext_proc.soak import EXPORT_CALLS, EXPORTED, PROCESSED, QUEUE_SIZE, value_of
+from ext_proc.dev.demo.receiver import OtlpReceiver
+from ext_proc.dev.devstack import wait_until
+from ext_proc.dev.loadgen import Load
+from ext_proc.dev.soak import EXPORT_CALLS, EXPORTED, PROCESSED, QUEUE_SIZE, value_of
 from tests.e2e.reliability import TRACEPARENT_IN_BODY, record, rig
 
 pytestmark = pytest.mark.e2e

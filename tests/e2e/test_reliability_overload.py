@@ -25,9 +25,9 @@ from typing import Final
 import pytest
 
 from bench.variants import EXT_PROC_FILTER
-from ext_proc.devstack import Config, hcm_of, wait_until
-from ext_proc.loadgen import Load
-from ext_proc.soak import ACTIVE_REQUESTS, STREAMS_ACTIVE, SoakConfig, run_soak
+from ext_proc.dev.devstack import Config, hcm_of, wait_until
+from ext_proc.dev.loadgen import Load
+from ext_proc.dev.soak import ACTIVE_REQUESTS, STREAMS_ACTIVE, SoakConfig, run_soak
 from tests.e2e.reliability import (
     FAILURE_ALLOWED,
     MESSAGE_TIMEOUTS,

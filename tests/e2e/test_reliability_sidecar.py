@@ -1,7 +1,7 @@
 """Issue #8: the sidecar killed, stalled and stopped under load; the gateway never pays.
 
 Envoy runs the shipped config (``failure_mode_allow: true``, ``message_timeout:
-0.2s``); `ext_proc.loadgen` keeps bounded keep-alive load on the echo upstream,
+0.2s``); `ext_proc.dev.loadgen` keeps bounded keep-alive load on the echo upstream,
 which lists the headers it received, so each sample says whether the sidecar's
 traceparent reached the upstream.
 """
@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from ext_proc.devstack import wait_until
-from ext_proc.loadgen import Load
-from ext_proc.soak import EXPORTED, STREAMS_ACTIVE
+from ext_proc.dev.devstack import wait_until
+from ext_proc.dev.loadgen import Load
+from ext_proc.dev.soak import EXPORTED, STREAMS_ACTIVE
 from tests.e2e.reliability import (
     FAILURE_ALLOWED,
     MESSAGE_TIMEOUTS,

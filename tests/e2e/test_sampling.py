@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ext_proc.demo.receiver import OtlpReceiver
-from ext_proc.devstack import Stack, free_port, wait_until
+from ext_proc.dev.demo.receiver import OtlpReceiver
+from ext_proc.dev.devstack import Stack, free_port, wait_until
 from tests.conftest import http_request
 from tests.e2e.conftest import tag, wait_gateway_span, with_query
 

@@ -27,8 +27,8 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
-from ext_proc.demo.receiver import OtlpReceiver, ReceivedSpan, decode_spans
-from ext_proc.devstack import (
+from ext_proc.dev.demo.receiver import OtlpReceiver, ReceivedSpan, decode_spans
+from ext_proc.dev.devstack import (
     ENVOY_MTLS_YAML,
     ENVOY_YAML,
     Stack,

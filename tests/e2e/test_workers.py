@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from ext_proc.demo.receiver import OtlpReceiver
-from ext_proc.devstack import ROOT, Proc, Stack, free_port, wait_until
-from ext_proc.procs import grpc_health
+from ext_proc.dev.demo.receiver import OtlpReceiver
+from ext_proc.dev.devstack import ROOT, Proc, Stack, free_port, wait_until
+from ext_proc.dev.procs import grpc_health
 from tests.conftest import http_request
 from tests.e2e.conftest import SIDECAR_SERVICE
 

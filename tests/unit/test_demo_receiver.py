@@ -20,7 +20,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
 from opentelemetry.trace import SpanKind, Status, StatusCode, set_span_in_context
 
-from ext_proc.demo.receiver import OtlpReceiver, any_value
+from ext_proc.dev.demo.receiver import OtlpReceiver, any_value
 
 TIMEOUT = 5.0
 RESOURCE = Resource.create({"service.name": "rx-test", "deployment.environment.name": "ci"})

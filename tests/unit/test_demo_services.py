@@ -21,8 +21,8 @@ from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
 )
 
 from ext_proc._gen.demo.v1 import users_pb2, users_pb2_grpc
-from ext_proc.demo import _exporter, build_tracer_provider, parse_listen
-from ext_proc.demo.receiver import OtlpReceiver, ReceivedSpan
+from ext_proc.dev.demo import _exporter, build_tracer_provider, parse_listen
+from ext_proc.dev.demo.receiver import OtlpReceiver, ReceivedSpan
 
 TIMEOUT = 10.0
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -91,14 +91,14 @@ def receiver() -> Iterator[OtlpReceiver]:
 
 @pytest.fixture(scope="module")
 def users(receiver: OtlpReceiver) -> Iterator[Service]:
-    service = Service("ext_proc.demo.users_service", _env(receiver))
+    service = Service("ext_proc.dev.demo.users_service", _env(receiver))
     yield service
     assert service.stop() == 0
 
 
 @pytest.fixture(scope="module")
 def users_grpc(receiver: OtlpReceiver) -> Iterator[Service]:
-    service = Service("ext_proc.demo.grpc_service", _env(receiver))
+    service = Service("ext_proc.dev.demo.grpc_service", _env(receiver))
     yield service
     assert service.stop() == 0
 
@@ -200,7 +200,7 @@ def test_status_slow_and_health(users: Service, receiver: OtlpReceiver) -> None:
 
 def test_users_flushes_spans_on_sigterm(receiver: OtlpReceiver) -> None:
     """With a one-minute batch delay only the shutdown flush can deliver the span."""
-    service = Service("ext_proc.demo.users_service",
+    service = Service("ext_proc.dev.demo.users_service",
                       _env(receiver, OTEL_BSP_SCHEDULE_DELAY="60000", OTEL_SERVICE_NAME="svc-x"))
     trace_id = "44444444444444444444444444444444"
     assert _get(service.port, "/healthz", {"traceparent": _traceparent(trace_id)})[0] == 200
@@ -261,7 +261,7 @@ def test_grpc_failures(
 
 
 def test_grpc_service_stops_cleanly_on_sigterm(receiver: OtlpReceiver) -> None:
-    service = Service("ext_proc.demo.grpc_service",
+    service = Service("ext_proc.dev.demo.grpc_service",
                       _env(receiver, OTEL_BSP_SCHEDULE_DELAY="60000"))
     trace_id = "66666666666666666666666666666666"
     with grpc.insecure_channel(f"127.0.0.1:{service.port}") as channel:

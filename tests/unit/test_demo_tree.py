@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ext_proc.demo.receiver import ReceivedSpan
-from ext_proc.demo.tree import parse_log_line, render_traces
+from ext_proc.dev.demo.receiver import ReceivedSpan
+from ext_proc.dev.demo.tree import parse_log_line, render_traces
 
 T1 = "11" * 16
 T2 = "22" * 16

@@ -32,7 +32,7 @@ import yaml
 
 from ext_proc.config import load_settings
 from ext_proc.config.core import split_host_port
-from ext_proc.devstack import ROOT
+from ext_proc.dev.devstack import ROOT
 
 COMPOSE: Final = ROOT / "compose"
 SCHEMA: Final = ROOT / "tests" / "data" / "compose-spec.json"

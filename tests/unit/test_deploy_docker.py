@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from ext_proc.devstack import ROOT, Proc, free_port, grpc_serving, wait_until
+from ext_proc.dev.devstack import ROOT, Proc, free_port, grpc_serving, wait_until
 from tests.dockerfile import build_args, dockerignored, env_of, exec_form, run_commands, stages
 
 

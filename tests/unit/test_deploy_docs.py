@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from ext_proc import route_options
-from ext_proc.devstack import ROOT
+from ext_proc.dev.devstack import ROOT
 from ext_proc.envoy_config import EXT_PROC_FILTER
 from ext_proc.envoy_config.embed import markdown_yaml_blocks
 

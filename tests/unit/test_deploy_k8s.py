@@ -18,7 +18,7 @@ import yaml
 
 from ext_proc.config import load_settings
 from ext_proc.config.core import split_host_port
-from ext_proc.devstack import ROOT
+from ext_proc.dev.devstack import ROOT
 from ext_proc.envoy_config import EG_ATTRIBUTE, EXT_PROC_FILTER
 from ext_proc.semconv import EnvoyAttr
 

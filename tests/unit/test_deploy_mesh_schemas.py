@@ -46,7 +46,7 @@ from click.testing import CliRunner
 from jsonschema.exceptions import ValidationError
 
 from ext_proc.cli import main
-from ext_proc.devstack import ROOT
+from ext_proc.dev.devstack import ROOT
 from ext_proc.envoy_config.embed import markdown_yaml_blocks
 
 Doc = dict[str, Any]

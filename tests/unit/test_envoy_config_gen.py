@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from ext_proc.cli import main
 from ext_proc.config import Settings, load_settings
-from ext_proc.devstack import envoy_binary
+from ext_proc.dev.devstack import envoy_binary
 from ext_proc.envoy_config import (
     EG_ATTRIBUTE,
     EXT_PROC_FILTER,

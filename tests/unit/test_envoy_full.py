@@ -5,7 +5,7 @@ from __future__ import annotations
 import yaml
 
 from bench.variants import FULL_YAML, render_full_yaml
-from ext_proc.devstack import ENVOY_YAML, hcm_of
+from ext_proc.dev.devstack import ENVOY_YAML, hcm_of
 
 
 def test_full_yaml_is_current() -> None:

@@ -13,7 +13,7 @@ from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 
-from ext_proc.devstack import wait_until
+from ext_proc.dev.devstack import wait_until
 from ext_proc.metrics.spans import (
     DEFAULT_QUEUE_SIZE,
     EXPORT_DURATION,

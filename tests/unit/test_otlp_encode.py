@@ -25,7 +25,7 @@ from opentelemetry.trace import (
     set_span_in_context,
 )
 
-from ext_proc.demo.receiver import OtlpReceiver
+from ext_proc.dev.demo.receiver import OtlpReceiver
 from ext_proc.otlp_encode import SpanEncoder
 from ext_proc.otlp_export import FastOTLPSpanExporter
 

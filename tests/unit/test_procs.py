@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import socket
 
-from ext_proc.procs import _ephemeral_range, free_port
+from ext_proc.dev.procs import _ephemeral_range, free_port
 
 
 def test_free_ports_are_bindable_distinct_and_below_the_ephemeral_range() -> None:

@@ -11,7 +11,7 @@ from typing import Final
 import pytest
 
 from ext_proc.config.reference import markdown_reference, settings_fields, update_reference
-from ext_proc.devstack import ROOT
+from ext_proc.dev.devstack import ROOT
 
 README: Final = ROOT / "README.md"
 REFERENCE: Final = ROOT / "docs" / "configuration.md"

@@ -13,7 +13,7 @@ from pydantic import SecretStr
 from ext_proc.app import build_sidecar
 from ext_proc.cli import main
 from ext_proc.config import Settings, load_settings
-from ext_proc.devstack import free_port
+from ext_proc.dev.devstack import free_port
 from ext_proc.telemetry import build_telemetry
 from ext_proc.workers import RestartPolicy, format_listen, reserve_port, worker_settings
 
@@ -117,7 +117,7 @@ def test_envoy_workers_yaml_is_envoy_full_yaml_with_only_the_processor_cluster_c
     import yaml
 
     from bench.variants import WORKERS_STREAMS, WORKERS_YAML, render_workers_yaml
-    from ext_proc.devstack import FULL_YAML
+    from ext_proc.dev.devstack import FULL_YAML
 
     assert WORKERS_YAML.read_text() == render_workers_yaml(FULL_YAML.read_text()), \
         "envoy/envoy-workers.yaml is stale: run `.venv/bin/python -m bench.variants`"

@@ -1,7 +1,7 @@
 """Soak: steady load through a real Envoy on loopback; flat memory, no leaked stream state.
 
-``make soak`` runs ``python -m ext_proc.soak``: the devstack (Envoy, sidecar,
-demo upstream, an in-process OTLP receiver), `ext_proc.loadgen` at a steady
+``make soak`` runs ``python -m ext_proc.dev.soak``: the devstack (Envoy, sidecar,
+demo upstream, an in-process OTLP receiver), `ext_proc.dev.loadgen` at a steady
 rate for ``SOAK_SECONDS`` (default 180; ``SOAK_RATE`` requests/s and
 ``SOAK_CONNECTIONS`` tune it), the sidecar's RSS read from ``/proc`` every
 second and its self-telemetry scraped from the admin ``/metrics``. It fails
@@ -24,9 +24,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Final
 
-from ext_proc.demo.receiver import OtlpReceiver
-from ext_proc.devstack import Config, Stack, free_port, wait_until
-from ext_proc.loadgen import Load
+from ext_proc.dev.demo.receiver import OtlpReceiver
+from ext_proc.dev.devstack import Config, Stack, free_port, wait_until
+from ext_proc.dev.loadgen import Load
 
 STREAMS_ACTIVE: Final = "extproc_stream_active"
 ACTIVE_REQUESTS: Final = "http_server_active_requests"

@@ -1,6 +1,6 @@
 """``make demo``: Envoy + sidecar + demo upstreams on loopback, traced end to end.
 
-Starts the stack of `ext_proc.devstack` (no Docker), sends a few HTTP and gRPC
+Starts the stack of `ext_proc.dev.devstack` (no Docker), sends a few HTTP and gRPC
 requests (with and without an incoming traceparent), then prints every trace
 as a tree next to the correlated log lines of the gateway and the services.
 Spans go to an embedded OTLP receiver, or to ``OTEL_EXPORTER_OTLP_ENDPOINT``
@@ -23,9 +23,9 @@ from typing import Any
 import grpc
 
 from ext_proc._gen.demo.v1 import users_pb2, users_pb2_grpc
-from ext_proc.demo.receiver import OtlpReceiver, ReceivedSpan
-from ext_proc.demo.tree import parse_log_line, render_traces
-from ext_proc.devstack import Proc, Stack
+from ext_proc.dev.demo.receiver import OtlpReceiver, ReceivedSpan
+from ext_proc.dev.demo.tree import parse_log_line, render_traces
+from ext_proc.dev.devstack import Proc, Stack
 
 CLIENT_TRACE = "0af7651916cd43dd8448eb211c80319c"
 CLIENT_SPAN = "b7ad6b7169203331"

@@ -1,6 +1,6 @@
 """A small, bounded HTTP/1.1 load generator for loopback tests and ``make soak``.
 
-``python -m ext_proc.loadgen --url http://127.0.0.1:PORT/echo --connections 8
+``python -m ext_proc.dev.loadgen --url http://127.0.0.1:PORT/echo --connections 8
 --duration 5 --rate 100`` prints a JSON summary.
 
 Each of N threads keeps one keep-alive connection to a loopback address and
@@ -207,7 +207,7 @@ class Load:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ext_proc.loadgen")
+    parser = argparse.ArgumentParser(prog="python -m ext_proc.dev.loadgen")
     parser.add_argument("--url", required=True, help="http://127.0.0.1:PORT/path ({n}: seq)")
     parser.add_argument("--connections", type=int, default=4)
     parser.add_argument("--duration", type=float, default=5.0, help="seconds")

@@ -18,7 +18,7 @@ from typing import Any, Final
 import grpc
 import yaml
 
-from ext_proc.procs import (  # noqa: F401 - re-exported: the stack's building blocks
+from ext_proc.dev.procs import (  # noqa: F401 - re-exported: the stack's building blocks
     TLS_SERVER_NAME,
     Proc,
     envoy_binary,
@@ -30,7 +30,7 @@ from ext_proc.procs import (  # noqa: F401 - re-exported: the stack's building b
     wait_until,
 )
 
-ROOT: Final = Path(__file__).resolve().parents[1]
+ROOT: Final = Path(__file__).resolve().parents[2]
 ENVOY_YAML: Final = ROOT / "envoy" / "envoy.yaml"
 FULL_YAML: Final = ROOT / "envoy" / "envoy-full.yaml"  # every response phase too
 ENVOY_MTLS_YAML: Final = ROOT / "envoy" / "envoy-mtls.yaml"
@@ -154,11 +154,11 @@ class Stack:
                                         f"127.0.0.1:{self.ports.sidecar}", *sidecar_args],
                             workdir / "sidecar.log", {**env, **(sidecar_env or {})},
                             cwd=workdir if sidecar_command else None)
-        self.users = Proc("users", [py, "-m", "ext_proc.demo.users_service", "--listen",
+        self.users = Proc("users", [py, "-m", "ext_proc.dev.demo.users_service", "--listen",
                                     f"127.0.0.1:{self.ports.users}",
                                     "--db", str(workdir / "users.db")],
                           workdir / "users.log", {**env, "OTEL_SERVICE_NAME": "users"})
-        self.grpc_demo = Proc("grpc_demo", [py, "-m", "ext_proc.demo.grpc_service", "--listen",
+        self.grpc_demo = Proc("grpc_demo", [py, "-m", "ext_proc.dev.demo.grpc_service", "--listen",
                                             f"127.0.0.1:{self.ports.grpc_demo}"],
                               workdir / "grpc_demo.log", {**env, "OTEL_SERVICE_NAME": "grpc-demo"})
         self.envoy = Proc("envoy", [envoy_binary(), "-c", str(self.envoy_config),

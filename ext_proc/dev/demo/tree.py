@@ -15,7 +15,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
-from ext_proc.demo.receiver import ReceivedSpan
+from ext_proc.dev.demo.receiver import ReceivedSpan
 
 KINDS: Final = {0: "UNSPECIFIED", 1: "INTERNAL", 2: "SERVER", 3: "CLIENT", 4: "PRODUCER",
                 5: "CONSUMER"}

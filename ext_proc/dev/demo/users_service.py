@@ -1,6 +1,6 @@
 """The demo HTTP "users" upstream.
 
-``python -m ext_proc.demo.users_service --listen 127.0.0.1:PORT [--db PATH]``
+``python -m ext_proc.dev.demo.users_service --listen 127.0.0.1:PORT [--db PATH]``
 
 It continues the incoming W3C trace with a SERVER span per request and, for
 ``/api/users`` and ``/api/users/{id}``, a CLIENT child span around a real
@@ -30,7 +30,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from ext_proc.demo import SEED_USERS, service_args
+from ext_proc.dev.demo import SEED_USERS, service_args
 from ext_proc.headers import CARRIER_GETTER, Carrier
 
 SERVICE_NAME: Final = "users"
@@ -237,12 +237,12 @@ class UsersHandler(BaseHTTPRequestHandler):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ext_proc.demo.users_service")
+    parser = argparse.ArgumentParser(prog="python -m ext_proc.dev.demo.users_service")
     parser.add_argument("--listen", default="127.0.0.1:8080",
                         help="HOST:PORT (port 0: any); envoy/envoy.yaml expects 127.0.0.1:8080")
     parser.add_argument("--db", default=":memory:", help="sqlite database file")
     args, address, provider = service_args(parser, argv, SERVICE_NAME)
-    tracer = provider.get_tracer("ext_proc.demo.users_service")
+    tracer = provider.get_tracer("ext_proc.dev.demo.users_service")
     stop = threading.Event()
     store = UserStore.open(args.db, tracer)
     server = UsersServer(address, UsersApp(tracer, store, stop))

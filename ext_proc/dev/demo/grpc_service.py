@@ -1,6 +1,6 @@
 """The demo gRPC upstream: ``demo.v1.Users`` on grpc.aio.
 
-``python -m ext_proc.demo.grpc_service --listen 127.0.0.1:PORT``
+``python -m ext_proc.dev.demo.grpc_service --listen 127.0.0.1:PORT``
 
 ``GetUser`` echoes every invocation metadata entry it received in
 ``received_metadata`` (``-bin`` values as unpadded base64; repeated keys joined
@@ -29,7 +29,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from ext_proc._gen.demo.v1 import users_pb2, users_pb2_grpc
-from ext_proc.demo import SEED_USERS, service_args
+from ext_proc.dev.demo import SEED_USERS, service_args
 from ext_proc.headers import CARRIER_GETTER, Carrier
 
 SERVICE_NAME: Final = "users-grpc"
@@ -148,7 +148,7 @@ async def _abort(
 
 
 async def serve(provider: TracerProvider, host: str, port: int) -> int:
-    tracer = provider.get_tracer("ext_proc.demo.grpc_service")
+    tracer = provider.get_tracer("ext_proc.dev.demo.grpc_service")
     users = {uid: (name, email) for uid, name, email in SEED_USERS}
     server = grpc.aio.server()
     users_pb2_grpc.add_UsersServicer_to_server(UsersServicer(tracer, users), server)
@@ -172,7 +172,7 @@ async def serve(provider: TracerProvider, host: str, port: int) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ext_proc.demo.grpc_service")
+    parser = argparse.ArgumentParser(prog="python -m ext_proc.dev.demo.grpc_service")
     parser.add_argument("--listen", default="127.0.0.1:50061", help="HOST:PORT (port 0: any)")
     _, address, provider = service_args(parser, argv, SERVICE_NAME)
     return asyncio.run(serve(provider, *address))
