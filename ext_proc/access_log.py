@@ -10,7 +10,7 @@ from loguru import logger
 
 from ext_proc import logs
 from ext_proc.logs import ACCESS_MESSAGE
-from ext_proc.seams import ExchangeRecord
+from ext_proc.request.seams import ExchangeRecord
 
 
 class AccessLog:

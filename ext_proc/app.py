@@ -23,7 +23,7 @@ from ext_proc.metrics.wiring import Observability, build_observability
 from ext_proc.policy import RequestPolicy
 from ext_proc.propagation import PropagatorCache, Rejections
 from ext_proc.redaction import Redactor
-from ext_proc.route_options import RouteOptionsCache
+from ext_proc.request.route_options import RouteOptionsCache
 from ext_proc.sampling import (
     KeepErrorsProcessor,
     RulesWatcher,

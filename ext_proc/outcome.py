@@ -9,7 +9,7 @@ from opentelemetry.trace import Span, Status, StatusCode
 
 from ext_proc import semconv as sc
 from ext_proc.access_log_service import FinalFacts
-from ext_proc.envoy_attrs import FLAG_ERROR_TYPES, EnvoyAttributes, response_flag_names
+from ext_proc.request.envoy_attrs import FLAG_ERROR_TYPES, EnvoyAttributes, response_flag_names
 
 _UNSET: Final = Status(StatusCode.UNSET)
 

@@ -14,11 +14,11 @@ from typing import Any, Final
 from opentelemetry.context import Context
 
 from ext_proc import semconv as sc
-from ext_proc.envoy_attrs import EnvoyAttributes
-from ext_proc.headers import Carrier
 from ext_proc.propagation import sampling_decision
 from ext_proc.redaction import Redactor
-from ext_proc.route_options import RouteOptions
+from ext_proc.request.envoy_attrs import EnvoyAttributes
+from ext_proc.request.headers import Carrier
+from ext_proc.request.route_options import RouteOptions
 from ext_proc.sampling import RequestFacts, SamplingPolicy, with_directive
 from ext_proc.tenants import TenantResolver
 

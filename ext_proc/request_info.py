@@ -7,8 +7,8 @@ from typing import Any
 
 from ext_proc import semconv as sc
 from ext_proc._gen.envoy.config.core.v3 import base_pb2
-from ext_proc.envoy_attrs import EnvoyAttributes
-from ext_proc.headers import Carrier, first
+from ext_proc.request.envoy_attrs import EnvoyAttributes
+from ext_proc.request.headers import Carrier, first
 
 
 @dataclass(slots=True)  # not frozen: ~1 µs less to build, per request

@@ -8,7 +8,7 @@ from opentelemetry.trace import Tracer
 
 from ext_proc.access_log_join import AccessLogJoin
 from ext_proc.policy import RequestPolicy
-from ext_proc.seams import Propagator, PropagatorSource, StreamObserver
+from ext_proc.request.seams import Propagator, PropagatorSource, StreamObserver
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,7 +16,7 @@ from opentelemetry.trace import NonRecordingSpan, set_span_in_context
 
 from ext_proc import semconv as sc
 from ext_proc.config.telemetry import MetricsSettings
-from ext_proc.seams import ExchangeRecord
+from ext_proc.request.seams import ExchangeRecord
 
 REQUEST_DURATION: Final = "http.server.request.duration"
 ACTIVE_REQUESTS: Final = "http.server.active_requests"

@@ -17,7 +17,7 @@ from ext_proc.config import Settings
 from ext_proc.metrics.pipeline import Metrics, build_metrics
 from ext_proc.metrics.spans import SpanPipelineStats
 from ext_proc.otlp_logs import OtlpLogs, build_otlp_logs
-from ext_proc.seams import StreamObserver
+from ext_proc.request.seams import StreamObserver
 from ext_proc.telemetry import build_resource
 
 

@@ -25,7 +25,7 @@ from loguru import logger
 from opentelemetry.trace import SpanKind
 
 from ext_proc._gen.envoy.service.ext_proc.v3 import external_processor_pb2 as pb
-from ext_proc.headers import carrier_from_headers
+from ext_proc.request.headers import carrier_from_headers
 from tests.integration.test_servicer import (
     NS,
     Running,

@@ -17,7 +17,7 @@ from ext_proc.access_log import AccessLog
 from ext_proc.config import LogSettings
 from ext_proc.config.telemetry import OtlpLogsSettings
 from ext_proc.otlp_logs import build_otlp_logs
-from ext_proc.seams import ExchangeRecord
+from ext_proc.request.seams import ExchangeRecord
 
 RECORD = ExchangeRecord(
     method="GET", route="/users/{id}", status=200, error_type=None, duration_s=0.0123456,

@@ -11,10 +11,10 @@ from typing import Any, Final
 import pytest
 import yaml
 
-from ext_proc import route_options
 from ext_proc.dev.devstack import ROOT
 from ext_proc.envoy_config import EXT_PROC_FILTER
 from ext_proc.envoy_config.embed import markdown_yaml_blocks
+from ext_proc.request import route_options
 
 DOCS: Final = ROOT / "docs"
 TUNE: Final = DOCS / "tune-via-envoy.md"

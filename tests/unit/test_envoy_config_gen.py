@@ -21,7 +21,7 @@ from ext_proc.envoy_config import (
     snippet,
 )
 from ext_proc.envoy_config.embed import envoy_configs, envoy_validate
-from ext_proc.route_options import HTTP_ROUTE, route_options
+from ext_proc.request.route_options import HTTP_ROUTE, route_options
 from ext_proc.semconv import EnvoyAttr
 
 

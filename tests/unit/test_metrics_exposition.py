@@ -19,7 +19,7 @@ from ext_proc.metrics.exposition import (
     wants_openmetrics,
 )
 from ext_proc.metrics.pipeline import MetricsConfigError, PullReader, build_metrics, exporter_names
-from ext_proc.seams import ExchangeRecord
+from ext_proc.request.seams import ExchangeRecord
 from ext_proc.telemetry import TelemetryConfigError
 
 CTX = SpanContext(0x4BF92F3577B34DA6A3CE929D0E0E4736, 0x00F067AA0BA902B7, False, TraceFlags(1))

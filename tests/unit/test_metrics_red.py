@@ -16,7 +16,7 @@ from ext_proc.metrics.red import (
     REQUEST_DURATION,
     RESPONSE_BODY_SIZE,
 )
-from ext_proc.seams import ExchangeRecord
+from ext_proc.request.seams import ExchangeRecord
 
 TRACE_ID = 0x4BF92F3577B34DA6A3CE929D0E0E4736
 SPAN_ID = 0x00F067AA0BA902B7

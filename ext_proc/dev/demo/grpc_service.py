@@ -30,7 +30,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from ext_proc._gen.demo.v1 import users_pb2, users_pb2_grpc
 from ext_proc.dev.demo import SEED_USERS, service_args
-from ext_proc.headers import CARRIER_GETTER, Carrier
+from ext_proc.request.headers import CARRIER_GETTER, Carrier
 
 SERVICE_NAME: Final = "users-grpc"
 RPC_SERVICE_NAME: Final = "demo.v1.Users"

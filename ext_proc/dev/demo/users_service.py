@@ -31,7 +31,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from ext_proc.dev.demo import SEED_USERS, service_args
-from ext_proc.headers import CARRIER_GETTER, Carrier
+from ext_proc.request.headers import CARRIER_GETTER, Carrier
 
 SERVICE_NAME: Final = "users"
 MAX_SLOW_MS: Final = 10_000

@@ -9,7 +9,7 @@ from opentelemetry.context import Context
 from opentelemetry.trace import SpanContext
 
 from ext_proc.config.propagation import PropagationSettings
-from ext_proc.headers import Carrier
+from ext_proc.request.headers import Carrier
 
 
 class Propagator(Protocol):
