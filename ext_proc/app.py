@@ -20,21 +20,21 @@ from ext_proc.access_log import AccessLog
 from ext_proc.access_log_join import AccessLogJoin
 from ext_proc.config import Settings
 from ext_proc.metrics.wiring import Observability, build_observability
-from ext_proc.policy import RequestPolicy
-from ext_proc.propagation import PropagatorCache, Rejections
-from ext_proc.redaction import Redactor
-from ext_proc.request.route_options import RouteOptionsCache
-from ext_proc.sampling import (
+from ext_proc.policy.propagation import PropagatorCache, Rejections
+from ext_proc.policy.redaction import Redactor
+from ext_proc.policy.request_policy import RequestPolicy
+from ext_proc.policy.sampling import (
     KeepErrorsProcessor,
     RulesWatcher,
     SamplingPolicy,
     build_sampling,
     load_rules,
 )
+from ext_proc.policy.tenants import TenantResolver
+from ext_proc.request.route_options import RouteOptionsCache
 from ext_proc.servicer import ExternalProcessor
 from ext_proc.stream import StreamDeps
 from ext_proc.telemetry import Telemetry, build_telemetry
-from ext_proc.tenants import TenantResolver
 from ext_proc.tls import bind
 
 SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"

@@ -69,7 +69,7 @@ def serve(config_file: Path | None, listen: str | None, log_format: str | None,
         log={"format": log_format, "level": log_level.upper() if log_level else None},
         admin={"listen": admin},
     ))
-    from ext_proc.sampling import RulesFileError
+    from ext_proc.policy.sampling import RulesFileError
     from ext_proc.telemetry import TelemetryConfigError
 
     configure_logging(settings.log)
@@ -91,7 +91,7 @@ def check_config(config_file: Path | None) -> None:
     (with the rules file applied) and the OTEL_* variables (headers masked); exit 2
     when `serve` would refuse any of it."""
     from ext_proc.app import build_sampling_policy
-    from ext_proc.sampling import RulesFileError
+    from ext_proc.policy.sampling import RulesFileError
     from ext_proc.telemetry import TelemetryConfigError, check_exporters, otel_environment
 
     settings = _load(config_file, {})

@@ -18,7 +18,7 @@ from ext_proc import semconv as sc
 from ext_proc._gen.envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from ext_proc.access_log_service import FinalFacts
 from ext_proc.outcome import apply, client_outcome, exchange_outcome
-from ext_proc.redaction import REDACTED
+from ext_proc.policy.redaction import REDACTED
 from ext_proc.request.envoy_attrs import EnvoyAttributes
 from ext_proc.request.headers import Carrier, carrier_from_headers, first, header_mutation
 from ext_proc.request.route_options import DEFAULT, RouteOptions

@@ -238,7 +238,7 @@ def worker_main() -> None:
 
     from ext_proc.app import run
     from ext_proc.logs import configure_logging
-    from ext_proc.sampling import RulesFileError
+    from ext_proc.policy.sampling import RulesFileError
     from ext_proc.telemetry import TelemetryConfigError
 
     payload = pickle.load(sys.stdin.buffer)

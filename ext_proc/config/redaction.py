@@ -1,4 +1,4 @@
-"""Settings for the redaction engine (`ext_proc.redaction.Redactor`).
+"""Settings for the redaction engine (`ext_proc.policy.redaction.Redactor`).
 
 Every name list here *adds* to a built-in list that cannot be switched off:
 the built-in header denylist and sensitive query parameters always apply.

@@ -1,7 +1,7 @@
 """Settings for head sampling (rules, tenant rates and budgets, keep-errors) and tenants.
 
 `SamplingSettings` is also the schema of the live-reloaded rules file: the file
-overlays the sampling section of the main config (see `ext_proc.sampling.reload`).
+overlays the sampling section of the main config (see `ext_proc.policy.sampling.reload`).
 `TenantSettings` says where a request's tenant id comes from.
 """
 

@@ -13,7 +13,7 @@ from ext_proc.request.headers import Carrier
 
 
 class Propagator(Protocol):
-    """What the stream needs from `ext_proc.propagation.GatewayPropagator`."""
+    """What the stream needs from `ext_proc.policy.propagation.GatewayPropagator`."""
 
     def extract(self, carrier: Carrier) -> Context: ...
     def removals(self, carrier: Carrier, out: dict[str, str]) -> tuple[str, ...]: ...
@@ -27,7 +27,7 @@ class Propagator(Protocol):
 
 
 class PropagatorSource(Protocol):
-    """Propagators for per-route settings (`ext_proc.propagation.PropagatorCache`)."""
+    """Propagators for per-route settings (`ext_proc.policy.propagation.PropagatorCache`)."""
 
     def get(self, settings: PropagationSettings) -> Propagator: ...
 

@@ -27,7 +27,7 @@ from ext_proc._gen.envoy.service.ext_proc.v3 import external_processor_pb2_grpc 
 from ext_proc.app import Sidecar, build_sidecar
 from ext_proc.config import load_settings
 from ext_proc.logs import install_correlation, json_line
-from ext_proc.redaction import REDACTED
+from ext_proc.policy.redaction import REDACTED
 from ext_proc.telemetry import Telemetry
 
 pytestmark = pytest.mark.usefixtures("in_process_sidecar")

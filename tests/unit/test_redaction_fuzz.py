@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from pydantic import SecretStr
 
 from ext_proc.config.redaction import RedactionSettings
-from ext_proc.redaction import AUTH_SCHEME, ENDUSER_ID, TRUNCATED, Redactor
+from ext_proc.policy.redaction import AUTH_SCHEME, ENDUSER_ID, TRUNCATED, Redactor
 
 SECRET = "fuzz-test-hmac-secret-00112233"
 MAX_VALUE = 1024

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from ext_proc.config.redaction import RedactionSettings
-from ext_proc.redaction import AUTH_SCHEME, ENDUSER_ID, REDACTED, TRUNCATED, Redactor
+from ext_proc.policy.redaction import AUTH_SCHEME, ENDUSER_ID, REDACTED, TRUNCATED, Redactor
 
 CANARY = "CANARY7d02be91c4"
 SECRET = "unit-test-hmac-secret-0123456789"

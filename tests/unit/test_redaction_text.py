@@ -8,7 +8,7 @@ import pytest
 from pydantic import SecretStr, ValidationError
 
 from ext_proc.config.redaction import RedactionSettings
-from ext_proc.redaction import REDACTED, TRUNCATED, Redactor
+from ext_proc.policy.redaction import REDACTED, TRUNCATED, Redactor
 
 CANARY = "CANARY5e8d0a4f21"
 SECRET = "text-test-hmac-secret-abcdefgh"

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from ext_proc.config.redaction import RedactionSettings
-from ext_proc.redaction import BUILTIN_SENSITIVE_PARAMS, REDACTED, TRUNCATED, Redactor
+from ext_proc.policy.redaction import BUILTIN_SENSITIVE_PARAMS, REDACTED, TRUNCATED, Redactor
 
 CANARY = "CANARYf3a9c1e07b"
 

@@ -9,8 +9,8 @@ from opentelemetry.sdk.trace.sampling import Decision
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
 from ext_proc.config.sampling import SamplingSettings
-from ext_proc.sampling import RequestFacts, SamplingPolicy, TokenBucket, build_sampling
-from ext_proc.sampling import with_directive as put
+from ext_proc.policy.sampling import RequestFacts, SamplingPolicy, TokenBucket, build_sampling
+from ext_proc.policy.sampling import with_directive as put
 
 
 class FakeClock:

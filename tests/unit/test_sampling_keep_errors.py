@@ -14,7 +14,7 @@ from opentelemetry.trace import Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from ext_proc.config.sampling import KeepErrorsSettings, SamplingSettings
-from ext_proc.sampling import (
+from ext_proc.policy.sampling import (
     KEPT_ATTRIBUTE,
     KeepErrorsProcessor,
     RequestFacts,

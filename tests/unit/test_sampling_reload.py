@@ -11,7 +11,7 @@ import pytest
 from loguru import logger
 
 from ext_proc.config.sampling import SamplingSettings
-from ext_proc.sampling import (
+from ext_proc.policy.sampling import (
     RequestFacts,
     RulesFileError,
     RulesWatcher,

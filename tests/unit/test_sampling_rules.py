@@ -9,7 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from ext_proc.config.sampling import SamplingSettings
-from ext_proc.sampling import build_sampling
+from ext_proc.policy.sampling import build_sampling
 from tests.unit.test_sampling_sampler import facts
 
 RULES: list[dict[str, Any]] = [

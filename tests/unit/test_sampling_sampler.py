@@ -17,7 +17,7 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from ext_proc.config.sampling import SamplingSettings
-from ext_proc.sampling import (
+from ext_proc.policy.sampling import (
     RequestFacts,
     SamplingPolicy,
     build_sampling,

@@ -15,7 +15,7 @@ from ext_proc._gen.envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from ext_proc.access_log_join import AccessLogJoin
 from ext_proc.access_log_service import FinalFacts
 from ext_proc.config import PropagationSettings
-from ext_proc.propagation import PropagatorCache, Rejections
+from ext_proc.policy.propagation import PropagatorCache, Rejections
 from ext_proc.responses import RESPONSE_PHASE
 from ext_proc.stream import StreamDeps, StreamSession
 

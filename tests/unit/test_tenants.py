@@ -14,7 +14,7 @@ from loguru import logger
 from pydantic import ValidationError
 
 from ext_proc.config.sampling import TenantSettings
-from ext_proc.tenants import TenantResolver, jwt_payload
+from ext_proc.policy.tenants import TenantResolver, jwt_payload
 
 
 def b64(data: bytes) -> str:

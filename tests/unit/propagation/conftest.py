@@ -6,7 +6,7 @@ from typing import Any
 import pytest
 from loguru import logger
 
-from ext_proc.propagation import Rejections
+from ext_proc.policy.propagation import Rejections
 
 
 @pytest.fixture

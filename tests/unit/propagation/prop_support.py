@@ -11,7 +11,7 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_ON, Decision, ParentBased, S
 from opentelemetry.trace import SpanContext, SpanKind, TraceFlags
 
 from ext_proc.config.propagation import PropagationSettings
-from ext_proc.propagation import GatewayPropagator, Rejections, build_propagator
+from ext_proc.policy.propagation import GatewayPropagator, Rejections, build_propagator
 
 TRACE_ID = 0x4BF92F3577B34DA6A3CE929D0E0E4736
 SPAN_ID = 0x00F067AA0BA902B7

@@ -6,10 +6,10 @@ import pytest
 from opentelemetry.trace import SpanContext
 from prop_support import SPAN_ID, TRACE_ID, local_context
 
-from ext_proc.propagation import Rejections
-from ext_proc.propagation._base import Extracted
-from ext_proc.propagation.b3 import B3MultiFormat, B3SingleFormat
-from ext_proc.propagation.jaeger import JaegerFormat
+from ext_proc.policy.propagation import Rejections
+from ext_proc.policy.propagation._base import Extracted
+from ext_proc.policy.propagation.b3 import B3MultiFormat, B3SingleFormat
+from ext_proc.policy.propagation.jaeger import JaegerFormat
 
 T128 = "80f198ee56343ba864fe8b2a57d3eff7"
 T64 = "64fe8b2a57d3eff7"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from prop_support import SUITE_PARENT, propagator
 
-from ext_proc.propagation import Rejections, baggage_members
-from ext_proc.propagation.baggage import Baggage
+from ext_proc.policy.propagation import Rejections, baggage_members
+from ext_proc.policy.propagation.baggage import Baggage
 
 
 def members(*headers: str, rejections: Rejections | None = None) -> tuple[str, ...]:

@@ -19,8 +19,8 @@ from prop_support import (
 )
 
 from ext_proc.config.propagation import PropagationSettings
-from ext_proc.propagation import PropagatorCache, Rejections, sampling_decision
-from ext_proc.propagation.grpc_trace_bin import GrpcTraceBinFormat
+from ext_proc.policy.propagation import PropagatorCache, Rejections, sampling_decision
+from ext_proc.policy.propagation.grpc_trace_bin import GrpcTraceBinFormat
 
 B3_TRACE = "80f198ee56343ba864fe8b2a57d3eff7"
 B3_SPAN = "e457b5a2e4d86bd1"

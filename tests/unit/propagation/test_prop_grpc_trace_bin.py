@@ -7,8 +7,8 @@ import base64
 import pytest
 from prop_support import SPAN_ID, TRACE_ID, local_context
 
-from ext_proc.propagation import Rejections
-from ext_proc.propagation.grpc_trace_bin import GrpcTraceBinFormat
+from ext_proc.policy.propagation import Rejections
+from ext_proc.policy.propagation.grpc_trace_bin import GrpcTraceBinFormat
 
 # The spec's "Valid example" (Trace Context, version 0), byte for byte.
 SPEC_EXAMPLE = bytes([

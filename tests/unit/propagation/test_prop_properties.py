@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from opentelemetry.trace import SpanContext
 from prop_support import Gateway, as_carrier, local_context, propagator, span_context_of
 
-from ext_proc.propagation import FORMATS, Rejections, sampling_decision
-from ext_proc.propagation.grpc_trace_bin import GrpcTraceBinFormat
+from ext_proc.policy.propagation import FORMATS, Rejections, sampling_decision
+from ext_proc.policy.propagation.grpc_trace_bin import GrpcTraceBinFormat
 
 TRACE_IDS = st.integers(min_value=1, max_value=2**128 - 1)
 SPAN_IDS = st.integers(min_value=1, max_value=2**64 - 1)

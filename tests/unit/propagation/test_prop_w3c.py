@@ -18,8 +18,8 @@ from prop_support import (
     span_context_of,
 )
 
-from ext_proc.propagation import Rejections
-from ext_proc.propagation.w3c import TraceContextFormat
+from ext_proc.policy.propagation import Rejections
+from ext_proc.policy.propagation.w3c import TraceContextFormat
 
 
 def extract_tp(*values: str, rejections: Rejections | None = None) -> int | None:

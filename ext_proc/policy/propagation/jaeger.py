@@ -16,8 +16,8 @@ from urllib.parse import quote, unquote
 
 from opentelemetry.trace import SpanContext
 
-from ext_proc.propagation import baggage
-from ext_proc.propagation._base import (
+from ext_proc.policy.propagation import baggage
+from ext_proc.policy.propagation._base import (
     ANY_HEX,
     Carrier,
     Extracted,
@@ -27,7 +27,7 @@ from ext_proc.propagation._base import (
     span_hex,
     trace_hex,
 )
-from ext_proc.propagation.rejections import Rejections
+from ext_proc.policy.propagation.rejections import Rejections
 
 _SAMPLED: Final = 0x01
 _DEBUG: Final = 0x02

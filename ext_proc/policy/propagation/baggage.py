@@ -15,8 +15,8 @@ from collections.abc import Iterable
 from typing import Final
 from urllib.parse import quote, unquote
 
-from ext_proc.propagation._base import Carrier
-from ext_proc.propagation.rejections import Rejections
+from ext_proc.policy.propagation._base import Carrier
+from ext_proc.policy.propagation.rejections import Rejections
 
 NAME: Final = "baggage"
 HEADER_KEY: Final = "baggage"

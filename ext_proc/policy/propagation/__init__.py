@@ -21,13 +21,13 @@ from opentelemetry.context import Context, create_key, get_value, set_value
 from opentelemetry.trace import NonRecordingSpan, SpanContext
 
 from ext_proc.config.propagation import PropagationSettings
-from ext_proc.propagation import baggage as _baggage
-from ext_proc.propagation._base import Extracted, TraceFormat, trace_hex
-from ext_proc.propagation.b3 import B3MultiFormat, B3SingleFormat
-from ext_proc.propagation.grpc_trace_bin import GrpcTraceBinFormat
-from ext_proc.propagation.jaeger import JaegerFormat
-from ext_proc.propagation.rejections import Rejections
-from ext_proc.propagation.w3c import SpecTraceState, TraceContextFormat, traceparent_value
+from ext_proc.policy.propagation import baggage as _baggage
+from ext_proc.policy.propagation._base import Extracted, TraceFormat, trace_hex
+from ext_proc.policy.propagation.b3 import B3MultiFormat, B3SingleFormat
+from ext_proc.policy.propagation.grpc_trace_bin import GrpcTraceBinFormat
+from ext_proc.policy.propagation.jaeger import JaegerFormat
+from ext_proc.policy.propagation.rejections import Rejections
+from ext_proc.policy.propagation.w3c import SpecTraceState, TraceContextFormat, traceparent_value
 
 __all__ = [
     "FORMATS",

@@ -6,8 +6,8 @@ import re
 from collections.abc import Callable
 from typing import Final, NamedTuple
 
-from ext_proc.redaction.limits import REDACTED
-from ext_proc.redaction.names import NameMatcher
+from ext_proc.policy.redaction.limits import REDACTED
+from ext_proc.policy.redaction.names import NameMatcher
 
 # RFC 3986 appendix B; every part optional, so it matches any string. The
 # authority ends only at / ? # (not at WHATWG's backslash) so that a stray

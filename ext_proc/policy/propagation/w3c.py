@@ -22,7 +22,7 @@ from typing import Final
 
 from opentelemetry.trace import SpanContext, TraceFlags, TraceState
 
-from ext_proc.propagation._base import (
+from ext_proc.policy.propagation._base import (
     Carrier,
     Extracted,
     TraceFormat,
@@ -30,7 +30,7 @@ from ext_proc.propagation._base import (
     span_hex,
     trace_hex,
 )
-from ext_proc.propagation.rejections import Rejections
+from ext_proc.policy.propagation.rejections import Rejections
 
 
 class SpecTraceState(TraceState):

@@ -18,8 +18,8 @@ from typing import Final
 
 from opentelemetry.trace import SpanContext
 
-from ext_proc.propagation._base import Carrier, Extracted, TraceFormat, remote_context
-from ext_proc.propagation.rejections import Rejections
+from ext_proc.policy.propagation._base import Carrier, Extracted, TraceFormat, remote_context
+from ext_proc.policy.propagation.rejections import Rejections
 
 
 class GrpcTraceBinFormat(TraceFormat):

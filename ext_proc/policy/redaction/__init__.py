@@ -5,7 +5,7 @@ Build one `Redactor` from `RedactionSettings` at startup and inject it.
 
 from __future__ import annotations
 
-from ext_proc.redaction.engine import (
+from ext_proc.policy.redaction.engine import (
     AUTH_SCHEME,
     ENDUSER_ID,
     REQUEST_HEADER_PREFIX,
@@ -13,8 +13,8 @@ from ext_proc.redaction.engine import (
     Direction,
     Redactor,
 )
-from ext_proc.redaction.limits import REDACTED, TRUNCATED
-from ext_proc.redaction.names import BUILTIN_DENIED_HEADERS, BUILTIN_SENSITIVE_PARAMS
+from ext_proc.policy.redaction.limits import REDACTED, TRUNCATED
+from ext_proc.policy.redaction.names import BUILTIN_DENIED_HEADERS, BUILTIN_SENSITIVE_PARAMS
 
 __all__ = [
     "AUTH_SCHEME",

@@ -7,8 +7,8 @@ from collections.abc import Iterable
 from typing import Final
 from urllib.parse import unquote_plus
 
-from ext_proc.redaction.limits import REDACTED
-from ext_proc.redaction.names import NameMatcher
+from ext_proc.policy.redaction.limits import REDACTED
+from ext_proc.policy.redaction.names import NameMatcher
 
 # Auth schemes whose credential follows after whitespace (RFC 9110 section 11.4).
 _SCHEMES: Final = ("bearer", "basic", "digest", "negotiate", "dpop", "apikey", "api-key")

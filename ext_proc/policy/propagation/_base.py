@@ -9,7 +9,7 @@ from typing import ClassVar, Final
 
 from opentelemetry.trace import SpanContext, TraceFlags
 
-from ext_proc.propagation.rejections import Rejections
+from ext_proc.policy.propagation.rejections import Rejections
 
 Carrier = Mapping[str, list[str]]
 

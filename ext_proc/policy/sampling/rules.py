@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from ext_proc.config.sampling import SamplingRule
-from ext_proc.sampling.directive import RequestFacts
+from ext_proc.policy.sampling.directive import RequestFacts
 
 TRACE_ID_LIMIT: Final = (1 << 64) - 1
 MAX_MATCHED_VALUE_LEN: Final = 4096

@@ -6,11 +6,20 @@ from collections.abc import Mapping
 from typing import Final, Literal
 
 from ext_proc.config.redaction import RedactionSettings
-from ext_proc.redaction.auth import SubjectHasher, bearer_credential, jwt_subject, scheme_name
-from ext_proc.redaction.limits import REDACTED, TRUNCATED, cut, truncate
-from ext_proc.redaction.names import BUILTIN_DENIED_HEADERS, BUILTIN_SENSITIVE_PARAMS, NameMatcher
-from ext_proc.redaction.text import TextScrubber
-from ext_proc.redaction.urls import PairRedactor, split_url, without_userinfo
+from ext_proc.policy.redaction.auth import (
+    SubjectHasher,
+    bearer_credential,
+    jwt_subject,
+    scheme_name,
+)
+from ext_proc.policy.redaction.limits import REDACTED, TRUNCATED, cut, truncate
+from ext_proc.policy.redaction.names import (
+    BUILTIN_DENIED_HEADERS,
+    BUILTIN_SENSITIVE_PARAMS,
+    NameMatcher,
+)
+from ext_proc.policy.redaction.text import TextScrubber
+from ext_proc.policy.redaction.urls import PairRedactor, split_url, without_userinfo
 
 AUTH_SCHEME: Final = "auth.scheme"
 ENDUSER_ID: Final = "enduser.id"

@@ -12,23 +12,23 @@ Wiring (see each module for details)::
 
 from __future__ import annotations
 
-from ext_proc.sampling.budget import TokenBucket
-from ext_proc.sampling.directive import (
+from ext_proc.policy.sampling.budget import TokenBucket
+from ext_proc.policy.sampling.directive import (
     RequestFacts,
     SamplingDirective,
     directive_from,
     with_directive,
 )
-from ext_proc.sampling.keep_errors import KEPT_ATTRIBUTE, KeepErrorsProcessor
-from ext_proc.sampling.policy import SamplingPolicy, build_sampling, sampler_from_env
-from ext_proc.sampling.reload import (
+from ext_proc.policy.sampling.keep_errors import KEPT_ATTRIBUTE, KeepErrorsProcessor
+from ext_proc.policy.sampling.policy import SamplingPolicy, build_sampling, sampler_from_env
+from ext_proc.policy.sampling.reload import (
     LoadedRules,
     RulesFileError,
     RulesWatcher,
     load_rules,
     parse_rules,
 )
-from ext_proc.sampling.sampler import GatewaySampler
+from ext_proc.policy.sampling.sampler import GatewaySampler
 
 __all__ = [
     "KEPT_ATTRIBUTE",

@@ -19,8 +19,8 @@ from opentelemetry.trace import Link, SpanKind, get_current_span
 from opentelemetry.trace.span import TraceState
 from opentelemetry.util.types import Attributes
 
-from ext_proc.sampling.directive import SamplingDirective, directive_from
-from ext_proc.sampling.rules import TRACE_ID_LIMIT
+from ext_proc.policy.sampling.directive import SamplingDirective, directive_from
+from ext_proc.policy.sampling.rules import TRACE_ID_LIMIT
 
 
 class GatewaySampler(Sampler):

@@ -19,16 +19,16 @@ from typing import Any, Final
 from loguru import logger
 
 from ext_proc.config.sampling import SamplingSettings
-from ext_proc.sampling.budget import Clock, TenantBudgets
-from ext_proc.sampling.directive import DirectiveSource, RequestFacts, SamplingDirective
-from ext_proc.sampling.rules import (
+from ext_proc.policy.sampling.budget import Clock, TenantBudgets
+from ext_proc.policy.sampling.directive import DirectiveSource, RequestFacts, SamplingDirective
+from ext_proc.policy.sampling.rules import (
     CompiledRule,
     bound_for,
     compile_rule,
     describe_rule,
     first_match,
 )
-from ext_proc.sampling.sampler import GatewaySampler
+from ext_proc.policy.sampling.sampler import GatewaySampler
 
 ENV_SAMPLER: Final = "OTEL_TRACES_SAMPLER"
 ENV_SAMPLER_ARG: Final = "OTEL_TRACES_SAMPLER_ARG"

@@ -14,7 +14,7 @@ from typing import Final
 
 from opentelemetry.trace import SpanContext
 
-from ext_proc.propagation._base import (
+from ext_proc.policy.propagation._base import (
     LOWER_HEX,
     Carrier,
     Extracted,
@@ -24,7 +24,7 @@ from ext_proc.propagation._base import (
     span_hex,
     trace_hex,
 )
-from ext_proc.propagation.rejections import Rejections
+from ext_proc.policy.propagation.rejections import Rejections
 
 _TRACE_LENGTHS: Final = (16, 32)
 _SPAN_LENGTHS: Final = (16,)

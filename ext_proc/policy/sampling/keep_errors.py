@@ -22,7 +22,7 @@ from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 from opentelemetry.trace import SpanContext, StatusCode, TraceFlags
 
 from ext_proc.config.sampling import KeepErrorsSettings
-from ext_proc.sampling.budget import Clock, TokenBucket
+from ext_proc.policy.sampling.budget import Clock, TokenBucket
 
 KEPT_ATTRIBUTE: Final = "extproc.sampling.kept"
 STATUS_CODE_ATTRIBUTE: Final = "http.response.status_code"
