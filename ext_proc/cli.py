@@ -62,7 +62,7 @@ def serve(config_file: Path | None, listen: str | None, log_format: str | None,
           log_level: str | None, admin: str | None, workers: int | None) -> None:
     """Run the ext_proc gRPC server until SIGTERM/SIGINT."""
     from ext_proc.app import run
-    from ext_proc.logs import configure_logging
+    from ext_proc.telemetry.logs import configure_logging
 
     settings = _load(config_file, _overrides(
         server={"listen": listen, "workers": workers},
@@ -70,7 +70,7 @@ def serve(config_file: Path | None, listen: str | None, log_format: str | None,
         admin={"listen": admin},
     ))
     from ext_proc.policy.sampling import RulesFileError
-    from ext_proc.telemetry import TelemetryConfigError
+    from ext_proc.telemetry.provider import TelemetryConfigError
 
     configure_logging(settings.log)
     if settings.server.workers > 1:
@@ -92,7 +92,7 @@ def check_config(config_file: Path | None) -> None:
     when `serve` would refuse any of it."""
     from ext_proc.app import build_sampling_policy
     from ext_proc.policy.sampling import RulesFileError
-    from ext_proc.telemetry import TelemetryConfigError, check_exporters, otel_environment
+    from ext_proc.telemetry.provider import TelemetryConfigError, check_exporters, otel_environment
 
     settings = _load(config_file, {})
     try:

@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ext_proc import semconv as sc
 from ext_proc._gen.envoy.config.core.v3 import base_pb2
 from ext_proc.request.envoy_attrs import EnvoyAttributes
 from ext_proc.request.headers import Carrier, first
+from ext_proc.telemetry import semconv as sc
 
 
 @dataclass(slots=True)  # not frozen: ~1 µs less to build, per request

@@ -14,7 +14,6 @@ from loguru import logger
 from opentelemetry.trace import Span, SpanKind
 from opentelemetry.trace.propagation import set_span_in_context
 
-from ext_proc import semconv as sc
 from ext_proc._gen.envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from ext_proc.access_log_service import FinalFacts
 from ext_proc.outcome import apply, client_outcome, exchange_outcome
@@ -26,6 +25,7 @@ from ext_proc.request.seams import ExchangeRecord, Propagator
 from ext_proc.request_info import RequestInfo, request_info
 from ext_proc.responses import APPENDED, RESPONSE_PHASE, empty_response, trace_metadata
 from ext_proc.stream_deps import StreamDeps
+from ext_proc.telemetry import semconv as sc
 
 
 class StreamSession:

@@ -237,9 +237,9 @@ def worker_main() -> None:
     """Entry point of one worker process: settings arrive pickled on stdin."""
 
     from ext_proc.app import run
-    from ext_proc.logs import configure_logging
     from ext_proc.policy.sampling import RulesFileError
-    from ext_proc.telemetry import TelemetryConfigError
+    from ext_proc.telemetry.logs import configure_logging
+    from ext_proc.telemetry.provider import TelemetryConfigError
 
     payload = pickle.load(sys.stdin.buffer)
     _die_with_parent(int(payload["parent_pid"]))

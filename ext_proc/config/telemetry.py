@@ -1,8 +1,8 @@
 """Settings for RED metrics, the admin HTTP endpoint and OTLP log export.
 
 Which exporters run is chosen by the standard ``OTEL_METRICS_EXPORTER`` /
-``OTEL_LOGS_EXPORTER`` variables (read by `ext_proc.metrics` and
-`ext_proc.otlp_logs`); these models hold what the OTel variables do not cover.
+``OTEL_LOGS_EXPORTER`` variables (read by `ext_proc.telemetry.metrics` and
+`ext_proc.telemetry.otlp_logs`); these models hold what the OTel variables do not cover.
 """
 
 from __future__ import annotations

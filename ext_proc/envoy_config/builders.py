@@ -14,7 +14,7 @@ from typing import Any, Final, Literal
 from ext_proc.config import Settings
 from ext_proc.config.core import split_host_port
 from ext_proc.request.route_options import HTTP_ROUTE as ROUTE_HEADER
-from ext_proc.semconv import EnvoyAttr
+from ext_proc.telemetry.semconv import EnvoyAttr
 
 Format = Literal["bootstrap", "snippet", "istio", "envoy-gateway"]
 IstioContext = Literal["gateway", "sidecar"]

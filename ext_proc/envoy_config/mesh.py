@@ -20,7 +20,7 @@ from ext_proc.envoy_config.builders import (
     sidecar_cluster,
     to_dict,
 )
-from ext_proc.semconv import EnvoyAttr
+from ext_proc.telemetry.semconv import EnvoyAttr
 
 
 def istio_envoy_filter(settings: Settings, opts: EnvoyConfigOptions) -> Doc:

@@ -15,7 +15,7 @@ from loguru import logger
 from ext_proc.config.core import split_host_port
 from ext_proc.h2grpc.connection import Connection
 from ext_proc.h2grpc.direct import DirectMethod
-from ext_proc.throttle import Throttle
+from ext_proc.telemetry.throttle import Throttle
 
 
 class _Details(NamedTuple):  # grpc.HandlerCallDetails for generic handlers

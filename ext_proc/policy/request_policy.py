@@ -13,7 +13,6 @@ from typing import Any, Final
 
 from opentelemetry.context import Context
 
-from ext_proc import semconv as sc
 from ext_proc.policy.propagation import sampling_decision
 from ext_proc.policy.redaction import Redactor
 from ext_proc.policy.sampling import RequestFacts, SamplingPolicy, with_directive
@@ -21,6 +20,7 @@ from ext_proc.policy.tenants import TenantResolver
 from ext_proc.request.envoy_attrs import EnvoyAttributes
 from ext_proc.request.headers import Carrier
 from ext_proc.request.route_options import RouteOptions
+from ext_proc.telemetry import semconv as sc
 
 TENANT_ID: Final = "tenant.id"
 

@@ -16,7 +16,7 @@ from bench.load import run_wrk
 from bench.run import FAILED_OPEN_STAT, REQUESTS_STAT, Bench, BenchOptions
 from ext_proc.dev.devstack import Proc, wait_until
 from ext_proc.dev.procs import envoy_stat
-from ext_proc.metrics.spans import DEFAULT_QUEUE_SIZE
+from ext_proc.telemetry.metrics.spans import DEFAULT_QUEUE_SIZE
 
 pytestmark = pytest.mark.e2e
 

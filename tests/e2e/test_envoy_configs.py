@@ -27,7 +27,7 @@ from ext_proc.envoy_config.embed import (
     host_bootstrap,
     markdown_yaml_blocks,
 )
-from ext_proc.semconv import EnvoyAttr
+from ext_proc.telemetry.semconv import EnvoyAttr
 from tests.pki import make_pki
 
 pytestmark = pytest.mark.e2e

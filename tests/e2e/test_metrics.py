@@ -23,7 +23,7 @@ import pytest
 
 from ext_proc.dev.demo.receiver import OtlpReceiver, ReceivedMetric
 from ext_proc.dev.devstack import Proc, Stack, free_port, wait_until
-from ext_proc.metrics.red import DURATION_BUCKETS
+from ext_proc.telemetry.metrics.red import DURATION_BUCKETS
 from tests.conftest import http_request
 from tests.e2e.conftest import SIDECAR_SERVICE, gateway_spans, tag, with_query
 

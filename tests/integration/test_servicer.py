@@ -26,9 +26,9 @@ from ext_proc._gen.envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from ext_proc._gen.envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from ext_proc.app import Sidecar, build_sidecar
 from ext_proc.config import load_settings
-from ext_proc.logs import install_correlation, json_line
 from ext_proc.policy.redaction import REDACTED
-from ext_proc.telemetry import Telemetry
+from ext_proc.telemetry.logs import install_correlation, json_line
+from ext_proc.telemetry.provider import Telemetry
 
 pytestmark = pytest.mark.usefixtures("in_process_sidecar")
 

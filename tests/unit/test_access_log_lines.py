@@ -12,12 +12,12 @@ from loguru import logger
 from opentelemetry.sdk._logs.export import InMemoryLogRecordExporter
 from opentelemetry.trace import SpanContext, TraceFlags
 
-from ext_proc import logs
-from ext_proc.access_log import AccessLog
 from ext_proc.config import LogSettings
 from ext_proc.config.telemetry import OtlpLogsSettings
-from ext_proc.otlp_logs import build_otlp_logs
 from ext_proc.request.seams import ExchangeRecord
+from ext_proc.telemetry import logs
+from ext_proc.telemetry.access_lines import AccessLog
+from ext_proc.telemetry.otlp_logs import build_otlp_logs
 
 RECORD = ExchangeRecord(
     method="GET", route="/users/{id}", status=200, error_type=None, duration_s=0.0123456,

@@ -17,7 +17,7 @@ from ext_proc.admin import AdminEndpoints, AdminServer, parse_request
 from ext_proc.app import build_sidecar
 from ext_proc.config import load_settings
 from ext_proc.config.telemetry import AdminSettings
-from ext_proc.metrics.exposition import OPENMETRICS_CONTENT_TYPE, TEXT_CONTENT_TYPE
+from ext_proc.telemetry.metrics.exposition import OPENMETRICS_CONTENT_TYPE, TEXT_CONTENT_TYPE
 
 LOOPBACK = AdminSettings(listen="127.0.0.1:0")
 

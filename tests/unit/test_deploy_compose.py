@@ -554,7 +554,7 @@ def _export_p95_for_1ms_exports() -> float:
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
-    from ext_proc.metrics.spans import EXPORT_DURATION, SpanPipelineStats
+    from ext_proc.telemetry.metrics.spans import EXPORT_DURATION, SpanPipelineStats
 
     stats, reader = SpanPipelineStats(), InMemoryMetricReader()
     stats.observe(MeterProvider(metric_readers=[reader]).get_meter("t"))

@@ -20,7 +20,7 @@ from ext_proc.config import load_settings
 from ext_proc.config.core import split_host_port
 from ext_proc.dev.devstack import ROOT
 from ext_proc.envoy_config import EG_ATTRIBUTE, EXT_PROC_FILTER
-from ext_proc.semconv import EnvoyAttr
+from ext_proc.telemetry.semconv import EnvoyAttr
 
 K8S: Final = ROOT / "envoy" / "k8s"
 MANIFEST_DIRS: Final = (K8S, ROOT / "envoy" / "istio", ROOT / "envoy" / "envoy-gateway")

@@ -22,7 +22,7 @@ from ext_proc.envoy_config import (
 )
 from ext_proc.envoy_config.embed import envoy_configs, envoy_validate
 from ext_proc.request.route_options import HTTP_ROUTE, route_options
-from ext_proc.semconv import EnvoyAttr
+from ext_proc.telemetry.semconv import EnvoyAttr
 
 
 def _docs(text: str) -> list[dict[str, Any]]:

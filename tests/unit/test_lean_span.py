@@ -25,7 +25,7 @@ from opentelemetry.trace import (
     set_span_in_context,
 )
 
-from ext_proc.lean_span import MAX_ATTRIBUTES, LeanTracer
+from ext_proc.telemetry.lean_span import MAX_ATTRIBUTES, LeanTracer
 
 REMOTE = SpanContext(0x4BF92F3577B34DA6A3CE929D0E0E4736, 0x00F067AA0BA902B7, is_remote=True,
                      trace_flags=TraceFlags(1), trace_state=TraceState([("vendor", "v1")]))

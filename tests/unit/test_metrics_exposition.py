@@ -10,7 +10,8 @@ from opentelemetry.sdk.metrics.export import (
 from opentelemetry.trace import SpanContext, TraceFlags
 
 from ext_proc.config.telemetry import MetricsSettings
-from ext_proc.metrics.exposition import (
+from ext_proc.request.seams import ExchangeRecord
+from ext_proc.telemetry.metrics.exposition import (
     OPENMETRICS_CONTENT_TYPE,
     TEXT_CONTENT_TYPE,
     label_name,
@@ -18,9 +19,13 @@ from ext_proc.metrics.exposition import (
     render,
     wants_openmetrics,
 )
-from ext_proc.metrics.pipeline import MetricsConfigError, PullReader, build_metrics, exporter_names
-from ext_proc.request.seams import ExchangeRecord
-from ext_proc.telemetry import TelemetryConfigError
+from ext_proc.telemetry.metrics.pipeline import (
+    MetricsConfigError,
+    PullReader,
+    build_metrics,
+    exporter_names,
+)
+from ext_proc.telemetry.provider import TelemetryConfigError
 
 CTX = SpanContext(0x4BF92F3577B34DA6A3CE929D0E0E4736, 0x00F067AA0BA902B7, False, TraceFlags(1))
 OM_ACCEPT = "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"

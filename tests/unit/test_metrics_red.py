@@ -9,14 +9,14 @@ from opentelemetry.sdk.metrics.export import HistogramDataPoint, InMemoryMetricR
 from opentelemetry.trace import INVALID_SPAN_CONTEXT, SpanContext, TraceFlags
 
 from ext_proc.config.telemetry import MetricsSettings
-from ext_proc.metrics.pipeline import Metrics, build_metrics
-from ext_proc.metrics.red import (
+from ext_proc.request.seams import ExchangeRecord
+from ext_proc.telemetry.metrics.pipeline import Metrics, build_metrics
+from ext_proc.telemetry.metrics.red import (
     ACTIVE_REQUESTS,
     DURATION_BUCKETS,
     REQUEST_DURATION,
     RESPONSE_BODY_SIZE,
 )
-from ext_proc.request.seams import ExchangeRecord
 
 TRACE_ID = 0x4BF92F3577B34DA6A3CE929D0E0E4736
 SPAN_ID = 0x00F067AA0BA902B7

@@ -14,7 +14,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 
 from ext_proc.dev.devstack import wait_until
-from ext_proc.metrics.spans import (
+from ext_proc.telemetry.metrics.spans import (
     DEFAULT_QUEUE_SIZE,
     EXPORT_DURATION,
     EXPORT_DURATION_BUCKETS,
@@ -25,7 +25,7 @@ from ext_proc.metrics.spans import (
     BoundedSpanProcessor,
     SpanPipelineStats,
 )
-from ext_proc.telemetry import build_telemetry
+from ext_proc.telemetry.provider import build_telemetry
 
 FAST = {"OTEL_BSP_SCHEDULE_DELAY": "10"}
 

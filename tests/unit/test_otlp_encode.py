@@ -26,8 +26,8 @@ from opentelemetry.trace import (
 )
 
 from ext_proc.dev.demo.receiver import OtlpReceiver
-from ext_proc.otlp_encode import SpanEncoder
-from ext_proc.otlp_export import FastOTLPSpanExporter
+from ext_proc.telemetry.otlp_encode import SpanEncoder
+from ext_proc.telemetry.otlp_export import FastOTLPSpanExporter
 
 
 def encoded(encoder: SpanEncoder, spans: list[ReadableSpan]) -> ExportTraceServiceRequest:

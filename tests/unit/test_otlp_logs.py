@@ -11,8 +11,8 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import use_span
 
 from ext_proc.config.telemetry import OtlpLogsSettings
-from ext_proc.logs import install_correlation
-from ext_proc.otlp_logs import (
+from ext_proc.telemetry.logs import install_correlation
+from ext_proc.telemetry.otlp_logs import (
     OtlpLogs,
     OtlpLogsConfigError,
     build_log_exporter,

@@ -16,7 +16,7 @@ from ext_proc.request.envoy_attrs import EnvoyAttributes, parse_time_ns, respons
 from ext_proc.request.headers import carrier_from_headers, header_mutation
 from ext_proc.request.route_options import DEFAULT, HTTP_ROUTE, RouteOptionsCache, route_options
 from ext_proc.request_info import request_info, split_authority
-from ext_proc.telemetry import TelemetryConfigError, build_span_exporter
+from ext_proc.telemetry.provider import TelemetryConfigError, build_span_exporter
 
 
 def test_request_time_is_parsed_to_the_microsecond() -> None:
@@ -139,7 +139,7 @@ def test_span_exporter_follows_the_otel_variables() -> None:
 
 
 def test_attribute_values_are_bounded_unless_configured() -> None:
-    from ext_proc.telemetry import DEFAULT_ATTRIBUTE_LENGTH, span_limits
+    from ext_proc.telemetry.provider import DEFAULT_ATTRIBUTE_LENGTH, span_limits
 
     assert span_limits({}).max_attribute_length == DEFAULT_ATTRIBUTE_LENGTH
     configured = span_limits({"OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT": "100"})

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ext_proc.throttle import Throttle
+from ext_proc.telemetry.throttle import Throttle
 
 
 def test_one_per_interval_goes_and_reports_how_many_were_held() -> None:

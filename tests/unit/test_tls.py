@@ -22,7 +22,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
 from ext_proc.app import Sidecar, build_sidecar
 from ext_proc.config import ConfigError, ServerSettings, load_settings
 from ext_proc.dev.devstack import free_port
-from ext_proc.telemetry import Telemetry, build_span_exporter
+from ext_proc.telemetry.provider import Telemetry, build_span_exporter
 from ext_proc.tls import (
     TransportSecurityError,
     check_listen_security,

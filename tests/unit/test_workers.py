@@ -14,7 +14,7 @@ from ext_proc.app import build_sidecar
 from ext_proc.cli import main
 from ext_proc.config import Settings, load_settings
 from ext_proc.dev.devstack import free_port
-from ext_proc.telemetry import build_telemetry
+from ext_proc.telemetry.provider import build_telemetry
 from ext_proc.workers import RestartPolicy, format_listen, reserve_port, worker_settings
 
 

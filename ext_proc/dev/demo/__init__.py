@@ -83,9 +83,9 @@ def build_tracer_provider(default_service: str, environ: Mapping[str, str]) -> T
 
 
 def configure_logging(service: str, stream: TextIO | None = None) -> None:
-    """The sidecar's own JSON lines (``ext_proc.logs``), each also naming `service`."""
+    """The sidecar's own JSON lines (``ext_proc.telemetry.logs``), each also naming `service`."""
     from ext_proc.config import LogSettings
-    from ext_proc.logs import configure_logging as configure_sidecar_logging
+    from ext_proc.telemetry.logs import configure_logging as configure_sidecar_logging
 
     configure_sidecar_logging(LogSettings(), stream)
     logger.configure(extra={"service": service})
@@ -96,7 +96,7 @@ def install_otlp_logs(provider: TracerProvider) -> None:
     ``OTEL_LOGS_EXPORTER``, default otlp), with the span's trace_id/span_id and the
     tracer provider's resource; flushed at exit."""
     from ext_proc.config.telemetry import OtlpLogsSettings
-    from ext_proc.otlp_logs import build_otlp_logs
+    from ext_proc.telemetry.otlp_logs import build_otlp_logs
 
     pipeline = build_otlp_logs(OtlpLogsSettings(enabled=True), provider.resource)
     if pipeline is not None:

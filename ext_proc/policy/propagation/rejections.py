@@ -8,7 +8,7 @@ from typing import Final
 
 from loguru import logger
 
-from ext_proc.throttle import DEFAULT_INTERVAL_S, Throttle
+from ext_proc.telemetry.throttle import DEFAULT_INTERVAL_S, Throttle
 
 
 class Rejections:

@@ -8,9 +8,9 @@ from typing import Any
 
 from loguru import logger
 
-from ext_proc import logs
-from ext_proc.logs import ACCESS_MESSAGE
 from ext_proc.request.seams import ExchangeRecord
+from ext_proc.telemetry import logs
+from ext_proc.telemetry.logs import ACCESS_MESSAGE
 
 
 class AccessLog:

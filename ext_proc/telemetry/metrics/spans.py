@@ -25,7 +25,7 @@ from opentelemetry.metrics import CallbackOptions, Histogram, Meter, Observation
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 
-from ext_proc.throttle import Throttle
+from ext_proc.telemetry.throttle import Throttle
 
 PROCESSED: Final = "otel.sdk.processor.span.processed"
 QUEUE_SIZE: Final = "otel.sdk.processor.span.queue.size"

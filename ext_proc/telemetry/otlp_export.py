@@ -1,5 +1,5 @@
 """`FastOTLPSpanExporter`: the SDK's OTLP/gRPC span exporter, sending the request
-bytes `ext_proc.otlp_encode.SpanEncoder` writes."""
+bytes `ext_proc.telemetry.otlp_encode.SpanEncoder` writes."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExport
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 from opentelemetry.sdk.trace import ReadableSpan
 
-from ext_proc.otlp_encode import SpanEncoder
+from ext_proc.telemetry.otlp_encode import SpanEncoder
 
 
 class FastOTLPSpanExporter(OTLPSpanExporter):

@@ -14,9 +14,9 @@ from opentelemetry.context import Context
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 from opentelemetry.trace import NonRecordingSpan, set_span_in_context
 
-from ext_proc import semconv as sc
 from ext_proc.config.telemetry import MetricsSettings
 from ext_proc.request.seams import ExchangeRecord
+from ext_proc.telemetry import semconv as sc
 
 REQUEST_DURATION: Final = "http.server.request.duration"
 ACTIVE_REQUESTS: Final = "http.server.active_requests"

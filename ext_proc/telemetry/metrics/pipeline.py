@@ -29,15 +29,15 @@ from opentelemetry.sdk.resources import Resource
 
 import ext_proc
 from ext_proc.config.telemetry import MetricsSettings
-from ext_proc.metrics.exposition import (
+from ext_proc.telemetry.metrics.exposition import (
     OPENMETRICS_CONTENT_TYPE,
     TEXT_CONTENT_TYPE,
     render,
     wants_openmetrics,
 )
-from ext_proc.metrics.red import RedMetrics, RuntimeMetrics
-from ext_proc.metrics.spans import SpanPipelineStats
-from ext_proc.telemetry import TelemetryConfigError, otlp_exporter
+from ext_proc.telemetry.metrics.red import RedMetrics, RuntimeMetrics
+from ext_proc.telemetry.metrics.spans import SpanPipelineStats
+from ext_proc.telemetry.provider import TelemetryConfigError, otlp_exporter
 
 METER_NAME: Final = "ext_proc"
 EXPORTERS: Final = frozenset({"otlp", "prometheus", "console", "none"})

@@ -14,11 +14,11 @@ from opentelemetry.sdk.resources import Resource
 
 from ext_proc.admin import AdminEndpoints, AdminServer
 from ext_proc.config import Settings
-from ext_proc.metrics.pipeline import Metrics, build_metrics
-from ext_proc.metrics.spans import SpanPipelineStats
-from ext_proc.otlp_logs import OtlpLogs, build_otlp_logs
 from ext_proc.request.seams import StreamObserver
-from ext_proc.telemetry import build_resource
+from ext_proc.telemetry.metrics.pipeline import Metrics, build_metrics
+from ext_proc.telemetry.metrics.spans import SpanPipelineStats
+from ext_proc.telemetry.otlp_logs import OtlpLogs, build_otlp_logs
+from ext_proc.telemetry.provider import build_resource
 
 
 @dataclass

@@ -27,8 +27,8 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Tracer
 
 import ext_proc
-from ext_proc.lean_span import LeanTracer
-from ext_proc.metrics.spans import BoundedSpanProcessor, SpanPipelineStats
+from ext_proc.telemetry.lean_span import LeanTracer
+from ext_proc.telemetry.metrics.spans import BoundedSpanProcessor, SpanPipelineStats
 
 T = TypeVar("T")
 
@@ -77,9 +77,9 @@ def chosen_exporter(env: Mapping[str, str], signal: str, console: Callable[[], T
 
 def _grpc_span_exporter() -> SpanExporter:
     # The SDK's exporter sending the same request, written as bytes ~2.5x faster
-    # (ext_proc.otlp_encode, ext_proc.otlp_export); http/protobuf keeps the SDK's
-    # encoder (no hook for it).
-    from ext_proc.otlp_export import FastOTLPSpanExporter
+    # (ext_proc.telemetry.otlp_encode, ext_proc.telemetry.otlp_export); http/protobuf
+    # keeps the SDK's encoder (no hook for it).
+    from ext_proc.telemetry.otlp_export import FastOTLPSpanExporter
     return FastOTLPSpanExporter()
 
 
@@ -157,8 +157,8 @@ def otel_environment(env: Mapping[str, str] | None = None) -> dict[str, str]:
 def check_exporters(otlp_logs: bool, env: Mapping[str, str] | None = None) -> None:
     """Build (and drop) the exporters `serve` would build: raises TelemetryConfigError
     for a value `serve` would refuse."""
-    from ext_proc.metrics.pipeline import exporter_names
-    from ext_proc.otlp_logs import build_log_exporter
+    from ext_proc.telemetry.metrics.pipeline import exporter_names
+    from ext_proc.telemetry.otlp_logs import build_log_exporter
 
     env = os.environ if env is None else env
     exporter = build_span_exporter(env)
