@@ -34,7 +34,7 @@ from ext_proc import h2grpc
 from ext_proc._gen.envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from ext_proc._gen.envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from ext_proc._gen.envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
-from ext_proc.responses import empty_response
+from ext_proc.exchange.answers import empty_response
 
 PROCESS: Final = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
 MODES: Final = ("h2", "h2-task", "aio", "aio-rw", "sync")

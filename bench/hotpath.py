@@ -29,7 +29,7 @@ from ext_proc._gen.envoy.service.accesslog.v3 import als_pb2
 from ext_proc._gen.envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from ext_proc.app import build_sidecar
 from ext_proc.config import Settings, load_settings
-from ext_proc.stream import StreamSession
+from ext_proc.exchange.session import StreamSession
 from ext_proc.telemetry.logs import configure_logging, sink_added
 
 NS = "envoy.filters.http.ext_proc"

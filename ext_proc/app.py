@@ -16,8 +16,10 @@ from loguru import logger
 import ext_proc
 from ext_proc import h2grpc
 from ext_proc._gen.envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
-from ext_proc.access_log_join import AccessLogJoin
 from ext_proc.config import Settings
+from ext_proc.exchange.join import AccessLogJoin
+from ext_proc.exchange.servicer import ExternalProcessor
+from ext_proc.exchange.session import StreamDeps
 from ext_proc.policy.propagation import PropagatorCache, Rejections
 from ext_proc.policy.redaction import Redactor
 from ext_proc.policy.request_policy import RequestPolicy
@@ -30,8 +32,6 @@ from ext_proc.policy.sampling import (
 )
 from ext_proc.policy.tenants import TenantResolver
 from ext_proc.request.route_options import RouteOptionsCache
-from ext_proc.servicer import ExternalProcessor
-from ext_proc.stream import StreamDeps
 from ext_proc.telemetry.access_lines import AccessLog
 from ext_proc.telemetry.metrics.wiring import Observability, build_observability
 from ext_proc.telemetry.provider import Telemetry, build_telemetry

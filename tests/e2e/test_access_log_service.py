@@ -29,7 +29,6 @@ import grpc
 import pytest
 import yaml
 
-from ext_proc.access_log_service import AccessLogService, FinalFacts
 from ext_proc.dev.devstack import (
     Config,
     Ports,
@@ -40,6 +39,7 @@ from ext_proc.dev.devstack import (
     static_cluster,
     wait_until,
 )
+from ext_proc.exchange.als import AccessLogService, FinalFacts
 from tests.e2e.rawhttp import read_request_head, stall
 
 pytestmark = pytest.mark.e2e

@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
-from ext_proc.access_log_join import AccessLogJoin
-from ext_proc.access_log_service import FinalFacts
+from ext_proc.exchange.als import FinalFacts
+from ext_proc.exchange.join import AccessLogJoin
 
 
 class Clock:

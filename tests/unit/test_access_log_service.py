@@ -14,7 +14,7 @@ from envoy_data_plane.envoy.service.accesslog import v3 as up_als
 
 from ext_proc._gen.envoy.data.accesslog.v3 import accesslog_pb2 as log_pb
 from ext_proc._gen.envoy.service.accesslog.v3 import als_pb2 as pb
-from ext_proc.access_log_service import (
+from ext_proc.exchange.als import (
     RESPONSE_FLAG_CODES,
     SERVICE_NAME,
     AccessLogService,

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ext_proc.access_log_service import FinalFacts
-from ext_proc.finalizer import SpanFinalizer
+from ext_proc.exchange.als import FinalFacts
+from ext_proc.exchange.finalizer import SpanFinalizer
 
 
 @dataclass

@@ -12,12 +12,12 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import StatusCode
 
 from ext_proc._gen.envoy.service.ext_proc.v3 import external_processor_pb2 as pb
-from ext_proc.access_log_join import AccessLogJoin
-from ext_proc.access_log_service import FinalFacts
 from ext_proc.config import PropagationSettings
+from ext_proc.exchange.als import FinalFacts
+from ext_proc.exchange.answers import RESPONSE_PHASE
+from ext_proc.exchange.join import AccessLogJoin
+from ext_proc.exchange.session import StreamDeps, StreamSession
 from ext_proc.policy.propagation import PropagatorCache, Rejections
-from ext_proc.responses import RESPONSE_PHASE
-from ext_proc.stream import StreamDeps, StreamSession
 
 NS = "envoy.filters.http.ext_proc"
 START = "2026-11-26T17:06:31.000000+00:00"

@@ -12,10 +12,10 @@ from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
 
 from ext_proc._gen.envoy.config.core.v3 import base_pb2
 from ext_proc.config import PropagationSettings
+from ext_proc.exchange.request_info import request_info, split_authority
 from ext_proc.request.envoy_attrs import EnvoyAttributes, parse_time_ns, response_flag_names
 from ext_proc.request.headers import carrier_from_headers, header_mutation
 from ext_proc.request.route_options import DEFAULT, HTTP_ROUTE, RouteOptionsCache, route_options
-from ext_proc.request_info import request_info, split_authority
 from ext_proc.telemetry.provider import TelemetryConfigError, build_span_exporter
 
 

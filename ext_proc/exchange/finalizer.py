@@ -23,7 +23,7 @@ from typing import Final, Generic, Protocol, TypeVar
 
 from loguru import logger
 
-from ext_proc.access_log_service import FinalFacts
+from ext_proc.exchange.als import FinalFacts
 
 Finish = Callable[[FinalFacts | None], None]
 

@@ -15,16 +15,16 @@ from opentelemetry.trace import Span, SpanKind
 from opentelemetry.trace.propagation import set_span_in_context
 
 from ext_proc._gen.envoy.service.ext_proc.v3 import external_processor_pb2 as pb
-from ext_proc.access_log_service import FinalFacts
-from ext_proc.outcome import apply, client_outcome, exchange_outcome
+from ext_proc.exchange.als import FinalFacts
+from ext_proc.exchange.answers import APPENDED, RESPONSE_PHASE, empty_response, trace_metadata
+from ext_proc.exchange.deps import StreamDeps
+from ext_proc.exchange.outcome import apply, client_outcome, exchange_outcome
+from ext_proc.exchange.request_info import RequestInfo, request_info
 from ext_proc.policy.redaction import REDACTED
 from ext_proc.request.envoy_attrs import EnvoyAttributes
 from ext_proc.request.headers import Carrier, carrier_from_headers, first, header_mutation
 from ext_proc.request.route_options import DEFAULT, RouteOptions
 from ext_proc.request.seams import ExchangeRecord, Propagator
-from ext_proc.request_info import RequestInfo, request_info
-from ext_proc.responses import APPENDED, RESPONSE_PHASE, empty_response, trace_metadata
-from ext_proc.stream_deps import StreamDeps
 from ext_proc.telemetry import semconv as sc
 
 

@@ -11,8 +11,8 @@ import asyncio
 import time
 from collections.abc import Callable
 
-from ext_proc.access_log_service import AccessLogService, FinalFacts
-from ext_proc.finalizer import Finish, SpanFinalizer
+from ext_proc.exchange.als import AccessLogService, FinalFacts
+from ext_proc.exchange.finalizer import Finish, SpanFinalizer
 
 
 class AccessLogJoin:

@@ -13,9 +13,9 @@ from opentelemetry.trace.propagation import set_span_in_context
 
 from ext_proc._gen.envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from ext_proc._gen.envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from ext_proc.exchange.session import StreamDeps, StreamSession
 from ext_proc.h2grpc.direct import DirectMethod, Metadata
 from ext_proc.request.route_options import RouteOptionsCache
-from ext_proc.stream import StreamDeps, StreamSession
 
 
 class ExternalProcessor(pb_grpc.ExternalProcessorServicer):

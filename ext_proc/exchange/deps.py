@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from opentelemetry.trace import Tracer
 
-from ext_proc.access_log_join import AccessLogJoin
+from ext_proc.exchange.join import AccessLogJoin
 from ext_proc.policy.request_policy import RequestPolicy
 from ext_proc.request.seams import Propagator, PropagatorSource, StreamObserver
 

@@ -7,7 +7,7 @@ from typing import Any, Final
 
 from opentelemetry.trace import Span, Status, StatusCode
 
-from ext_proc.access_log_service import FinalFacts
+from ext_proc.exchange.als import FinalFacts
 from ext_proc.request.envoy_attrs import FLAG_ERROR_TYPES, EnvoyAttributes, response_flag_names
 from ext_proc.telemetry import semconv as sc
 
