@@ -70,7 +70,7 @@ def serve(config_file: Path | None, listen: str | None, log_format: str | None,
         admin={"listen": admin},
     ))
     from ext_proc.policy.sampling import RulesFileError
-    from ext_proc.telemetry.provider import TelemetryConfigError
+    from ext_proc.telemetry.otel_env import TelemetryConfigError
 
     configure_logging(settings.log)
     if settings.server.workers > 1:
@@ -92,7 +92,8 @@ def check_config(config_file: Path | None) -> None:
     when `serve` would refuse any of it."""
     from ext_proc.app import build_sampling_policy
     from ext_proc.policy.sampling import RulesFileError
-    from ext_proc.telemetry.provider import TelemetryConfigError, check_exporters, otel_environment
+    from ext_proc.telemetry.otel_env import TelemetryConfigError, otel_environment
+    from ext_proc.telemetry.provider import check_exporters
 
     settings = _load(config_file, {})
     try:

@@ -239,7 +239,7 @@ def worker_main() -> None:
     from ext_proc.app import run
     from ext_proc.policy.sampling import RulesFileError
     from ext_proc.telemetry.logs import configure_logging
-    from ext_proc.telemetry.provider import TelemetryConfigError
+    from ext_proc.telemetry.otel_env import TelemetryConfigError
 
     payload = pickle.load(sys.stdin.buffer)
     _die_with_parent(int(payload["parent_pid"]))

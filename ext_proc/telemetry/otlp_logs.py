@@ -29,7 +29,7 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, set_s
 import ext_proc
 from ext_proc.config.telemetry import OtlpLogsSettings
 from ext_proc.telemetry.logs import sink_added
-from ext_proc.telemetry.provider import TelemetryConfigError, chosen_exporter
+from ext_proc.telemetry.otel_env import TelemetryConfigError, chosen_exporter
 
 if TYPE_CHECKING:
     from loguru import Message, Record

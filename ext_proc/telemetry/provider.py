@@ -12,9 +12,8 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Final, TypeVar, cast
+from typing import Final, cast
 
-from opentelemetry.sdk.resources import SERVICE_NAME, SERVICE_VERSION, Resource
 from opentelemetry.sdk.trace import SpanLimits, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace import Tracer as SdkTracer
 from opentelemetry.sdk.trace.export import (
@@ -28,51 +27,12 @@ from opentelemetry.trace import Tracer
 
 import ext_proc
 from ext_proc.telemetry.lean_span import LeanTracer
+from ext_proc.telemetry.metrics.pipeline import exporter_names
 from ext_proc.telemetry.metrics.spans import BoundedSpanProcessor, SpanPipelineStats
+from ext_proc.telemetry.otel_env import build_resource, chosen_exporter
+from ext_proc.telemetry.otlp_logs import build_log_exporter
 
-T = TypeVar("T")
-
-DEFAULT_SERVICE_NAME: Final = "extproc-otel"
 INSTRUMENTATION_NAME: Final = "ext_proc"
-
-
-class TelemetryConfigError(ValueError):
-    """An OTEL_* variable has a value we cannot use."""
-
-
-def build_resource() -> Resource:
-    """OTEL_SERVICE_NAME / OTEL_RESOURCE_ATTRIBUTES over our defaults: service.name
-    `extproc-otel` and service.version the package's version."""
-    resource = Resource({SERVICE_VERSION: ext_proc.__version__}).merge(Resource.create())
-    if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
-        resource = resource.merge(Resource({SERVICE_NAME: DEFAULT_SERVICE_NAME}))
-    return resource
-
-
-def otlp_exporter(env: Mapping[str, str], signal: str, grpc: Callable[[], T],
-                  http: Callable[[], T], error: type[TelemetryConfigError]) -> T:
-    """The OTLP exporter for `signal` (TRACES, METRICS, LOGS) in the configured protocol."""
-    protocol = (env.get(f"OTEL_EXPORTER_OTLP_{signal}_PROTOCOL")
-                or env.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc").strip().lower()
-    if protocol == "grpc":
-        return grpc()
-    if protocol == "http/protobuf":
-        return http()
-    raise error(f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r}: use grpc or http/protobuf")
-
-
-def chosen_exporter(env: Mapping[str, str], signal: str, console: Callable[[], T],
-                    grpc: Callable[[], T], http: Callable[[], T],
-                    error: type[TelemetryConfigError] = TelemetryConfigError) -> T | None:
-    """The exporter OTEL_<signal>_EXPORTER names (otlp, console, none; default otlp)."""
-    name = (env.get(f"OTEL_{signal}_EXPORTER") or "otlp").strip().lower()
-    if name == "none":
-        return None
-    if name == "console":
-        return console()
-    if name != "otlp":
-        raise error(f"OTEL_{signal}_EXPORTER={name!r}: use otlp, console or none")
-    return otlp_exporter(env, signal, grpc, http, error)
 
 
 def _grpc_span_exporter() -> SpanExporter:
@@ -147,19 +107,9 @@ def build_telemetry(
     return Telemetry(provider, tracer)
 
 
-def otel_environment(env: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The OTEL_* variables in force, header values masked (they carry credentials)."""
-    env = os.environ if env is None else env
-    return {key: ("**********" if "HEADERS" in key else value)
-            for key, value in sorted(env.items()) if key.startswith("OTEL_")}
-
-
 def check_exporters(otlp_logs: bool, env: Mapping[str, str] | None = None) -> None:
     """Build (and drop) the exporters `serve` would build: raises TelemetryConfigError
     for a value `serve` would refuse."""
-    from ext_proc.telemetry.metrics.pipeline import exporter_names
-    from ext_proc.telemetry.otlp_logs import build_log_exporter
-
     env = os.environ if env is None else env
     exporter = build_span_exporter(env)
     if exporter is not None:

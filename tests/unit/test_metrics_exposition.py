@@ -25,7 +25,7 @@ from ext_proc.telemetry.metrics.pipeline import (
     build_metrics,
     exporter_names,
 )
-from ext_proc.telemetry.provider import TelemetryConfigError
+from ext_proc.telemetry.otel_env import TelemetryConfigError
 
 CTX = SpanContext(0x4BF92F3577B34DA6A3CE929D0E0E4736, 0x00F067AA0BA902B7, False, TraceFlags(1))
 OM_ACCEPT = "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"

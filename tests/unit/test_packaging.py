@@ -15,7 +15,7 @@ from packaging.version import Version
 import ext_proc
 from ext_proc.cli import main
 from ext_proc.dev.devstack import ROOT
-from ext_proc.telemetry.provider import build_resource
+from ext_proc.telemetry.otel_env import build_resource
 
 PYPROJECT: Final[dict[str, Any]] = tomllib.loads((ROOT / "pyproject.toml").read_text())
 GENERATED: Final = ROOT / "ext_proc/_gen/envoy/service/ext_proc/v3"

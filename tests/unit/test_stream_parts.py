@@ -16,7 +16,8 @@ from ext_proc.exchange.request_info import request_info, split_authority
 from ext_proc.request.envoy_attrs import EnvoyAttributes, parse_time_ns, response_flag_names
 from ext_proc.request.headers import carrier_from_headers, header_mutation
 from ext_proc.request.route_options import DEFAULT, HTTP_ROUTE, RouteOptionsCache, route_options
-from ext_proc.telemetry.provider import TelemetryConfigError, build_span_exporter
+from ext_proc.telemetry.otel_env import TelemetryConfigError
+from ext_proc.telemetry.provider import build_span_exporter
 
 
 def test_request_time_is_parsed_to_the_microsecond() -> None:

@@ -37,7 +37,7 @@ from ext_proc.telemetry.metrics.exposition import (
 )
 from ext_proc.telemetry.metrics.red import RedMetrics, RuntimeMetrics
 from ext_proc.telemetry.metrics.spans import SpanPipelineStats
-from ext_proc.telemetry.provider import TelemetryConfigError, otlp_exporter
+from ext_proc.telemetry.otel_env import TelemetryConfigError, otlp_exporter
 
 METER_NAME: Final = "ext_proc"
 EXPORTERS: Final = frozenset({"otlp", "prometheus", "console", "none"})

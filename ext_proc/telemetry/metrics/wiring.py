@@ -17,8 +17,8 @@ from ext_proc.config import Settings
 from ext_proc.request.seams import StreamObserver
 from ext_proc.telemetry.metrics.pipeline import Metrics, build_metrics
 from ext_proc.telemetry.metrics.spans import SpanPipelineStats
+from ext_proc.telemetry.otel_env import build_resource
 from ext_proc.telemetry.otlp_logs import OtlpLogs, build_otlp_logs
-from ext_proc.telemetry.provider import build_resource
 
 
 @dataclass
