@@ -19,7 +19,7 @@
 #
 # Not exercised here (no Docker engine on the project's machines): the image build
 # itself, the base image's contents, USER/HEALTHCHECK as Docker runs them, and a
-# read-only root filesystem. tests/unit/test_deploy_docker.py checks those statically
+# read-only root filesystem. tests/unit/deploy/test_deploy_docker.py checks those statically
 # and runs the HEALTHCHECK command against a real sidecar.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm

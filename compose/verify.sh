@@ -11,7 +11,7 @@
 #   - Prometheus has the RED metrics with tenant_id, exemplars, the sidecar's own
 #     metrics with a plausible export p95, and Tempo's service graph (remote write)
 # Exits non-zero on the first failure. Needs bash, curl, od and sed only.
-# tests/unit/test_deploy_compose.py runs it against canned answers.
+# tests/unit/deploy/test_deploy_compose.py runs it against canned answers.
 set -euo pipefail
 
 GATEWAY=${GATEWAY:-http://localhost:10000}

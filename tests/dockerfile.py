@@ -1,6 +1,6 @@
 """The Dockerfile read as Docker reads it: instructions, stages, ENV and .dockerignore.
 
-Shared by the static checks (tests/unit/test_deploy_docker.py) and the built-artifact
+Shared by the static checks (tests/unit/deploy/test_deploy_docker.py) and the built-artifact
 test (tests/e2e/test_artifacts.py), which runs the build stage's own commands.
 """
 

@@ -7,7 +7,7 @@ tree. Here a span's common fields and its scalar attributes are written as bytes
 and attribute pairs that repeat from span to span (method, scheme, protocol,
 status, route...) are encoded once and reused from a bounded cache. The rare parts
 (events, links, array/map/bytes/None values, status messages) still go through
-the generated messages. `tests/unit/test_otlp_encode.py` checks that the bytes
+the generated messages. `tests/unit/telemetry/test_otlp_encode.py` checks that the bytes
 parse to a message equal to the SDK's for every shape of span. Measured on 512
 gateway spans (15 attributes each), CPU per span: 7 µs, against 18 for the
 message-building encoder this replaced and 13 before resources were hashed once.

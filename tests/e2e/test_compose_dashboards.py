@@ -39,7 +39,7 @@ from ext_proc.dev.devstack import Config, Stack, free_port, wait_until
 from tests.conftest import http_request
 from tests.e2e.conftest import SIDECAR_SERVICE, gateway_spans
 from tests.e2e.test_metrics import Prometheus
-from tests.unit.test_deploy_compose import (
+from tests.unit.deploy.test_deploy_compose import (
     COMPOSE,
     DASHBOARDS,
     DATASOURCES,

@@ -15,7 +15,7 @@ import h2.events
 
 from ext_proc import h2grpc
 from ext_proc.h2grpc.direct import DirectMethod, Metadata
-from tests.unit.test_h2grpc_wire import RawClient, message
+from tests.unit.h2grpc.test_h2grpc_wire import RawClient, message
 
 LAST: contextvars.ContextVar[bytes] = contextvars.ContextVar("last")
 

@@ -2,7 +2,7 @@
 
 Core kinds are validated offline with ``kubernetes-validate`` (strict: unknown
 fields fail); the Istio and Envoy Gateway custom resources against their vendored
-upstream CRD schemas, as strictly, by tests/unit/test_deploy_mesh_schemas.py. The
+upstream CRD schemas, as strictly, by tests/unit/deploy/test_deploy_mesh_schemas.py. The
 Envoy parts inside are validated by tests/e2e/test_envoy_configs.py.
 """
 
@@ -25,7 +25,7 @@ from ext_proc.telemetry.semconv import EnvoyAttr
 K8S: Final = ROOT / "envoy" / "k8s"
 MANIFEST_DIRS: Final = (K8S, ROOT / "envoy" / "istio", ROOT / "envoy" / "envoy-gateway")
 # Custom resources: no schema in kubernetes-validate; validated against their CRDs by
-# tests/unit/test_deploy_mesh_schemas.py (which fails on a kind with no vendored CRD).
+# tests/unit/deploy/test_deploy_mesh_schemas.py (which fails on a kind with no vendored CRD).
 MESH_KINDS: Final = frozenset({"EnvoyFilter", "EnvoyProxy", "EnvoyExtensionPolicy"})
 # kustomize's build file, never sent to the API server.
 BUILD_KINDS: Final = frozenset({"Kustomization"})

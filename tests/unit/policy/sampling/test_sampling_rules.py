@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from ext_proc.config.sampling import SamplingSettings
 from ext_proc.policy.sampling import build_sampling
-from tests.unit.test_sampling_sampler import facts
+from tests.unit.policy.sampling.test_sampling_sampler import facts
 
 RULES: list[dict[str, Any]] = [
     {"name": "health", "path_prefix": "/health", "ratio": 0.01},

@@ -21,7 +21,7 @@ checked the way the API server checks a create under strict field validation
 Not evaluated: the CEL rules (``x-kubernetes-validations``) and string formats. A
 null where the schema is not ``nullable`` fails here, while the server drops it.
 The Envoy config inside (patch values, the policy's filter) is run through
-``envoy --mode validate`` by tests/unit/test_envoy_config_gen.py (generated) and
+``envoy --mode validate`` by tests/unit/envoy_config/test_envoy_config_gen.py (generated) and
 tests/e2e/test_envoy_configs.py (shipped files).
 """
 
@@ -193,7 +193,7 @@ def _has_builtin_schema(doc: Doc) -> bool:
     except kubernetes_validate.SchemaNotFoundError:
         return False
     except kubernetes_validate.ValidationError:
-        pass  # a built-in kind: tests/unit/test_deploy_k8s.py reports it
+        pass  # a built-in kind: tests/unit/deploy/test_deploy_k8s.py reports it
     return True
 
 

@@ -1,0 +1,1 @@
+"""Tests of ext_proc.dev (the demo, the local stack's processes)."""

@@ -1,0 +1,1 @@
+"""Tests of ext_proc.envoy_config and of the project's protos against Envoy's API."""
