@@ -4,6 +4,7 @@ cycle, no module over 300 lines, and nothing in the runtime imports the dev tool
 from __future__ import annotations
 
 import ast
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Final
@@ -166,3 +167,11 @@ def test_the_request_vocabulary_imports_no_other_wing() -> None:
     for name, targets in graph.items():
         if name.startswith("ext_proc.request."):
             assert all(t.startswith(allowed) for t in targets), (name, targets)
+
+
+def test_architecture_names_only_modules_that_exist() -> None:
+    text = (ROOT / "ARCHITECTURE.md").read_text()
+    named = set(re.findall(r"`((?:[a-z_0-9]+/)+[a-z_0-9]*\.py|[a-z_0-9]+\.py)`", text))
+    assert len(named) > 20
+    missing = {n for n in named if not (PACKAGE / n).exists() and not (ROOT / n).exists()}
+    assert not missing, f"ARCHITECTURE.md names modules that do not exist: {missing}"

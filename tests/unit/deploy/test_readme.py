@@ -15,7 +15,7 @@ from ext_proc.dev.devstack import ROOT
 
 README: Final = ROOT / "README.md"
 REFERENCE: Final = ROOT / "docs" / "configuration.md"
-MARKDOWN: Final = sorted([README, ROOT / "CHANGELOG.md",
+MARKDOWN: Final = sorted([README, ROOT / "ARCHITECTURE.md", ROOT / "CHANGELOG.md",
                           ROOT / "bench" / "README.md", *(ROOT / "docs").glob("*.md")])
 
 
