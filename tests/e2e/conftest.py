@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from ext_proc.dev.demo.receiver import OtlpReceiver, ReceivedSpan
-from ext_proc.dev.devstack import Config, Stack, add_dead_route, hcm_of, wait_until
+from ext_proc.dev.devstack import Config, Stack, add_dead_route, free_port, hcm_of, wait_until
 
 SIDECAR_SERVICE = "extproc-otel"
 SERVER_KIND = 2  # opentelemetry.proto.trace.v1.Span.SPAN_KIND_SERVER
@@ -21,6 +21,12 @@ def receiver() -> Iterator[OtlpReceiver]:
     rec.start()
     yield rec
     rec.stop()
+
+
+@pytest.fixture(scope="module")
+def admin_port() -> int:
+    """A free port for the sidecar's admin endpoint (/metrics), one per module."""
+    return free_port()
 
 
 PER_ROUTE = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute"

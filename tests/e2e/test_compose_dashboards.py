@@ -35,7 +35,7 @@ import yaml
 
 from ext_proc._gen.demo.v1 import users_pb2, users_pb2_grpc
 from ext_proc.dev.demo.receiver import OtlpReceiver
-from ext_proc.dev.devstack import Config, Stack, free_port, wait_until
+from ext_proc.dev.devstack import Config, Stack, wait_until
 from tests.conftest import http_request
 from tests.e2e.conftest import SIDECAR_SERVICE, gateway_spans
 from tests.e2e.test_metrics import Prometheus
@@ -102,11 +102,6 @@ def loopback(otlp_port: int) -> Callable[[Config], None]:
                     if cluster["name"] == "otel_collector":
                         sock["port_value"] = otlp_port
     return mutate
-
-
-@pytest.fixture(scope="module")
-def admin_port() -> int:
-    return free_port()
 
 
 @pytest.fixture(scope="module")

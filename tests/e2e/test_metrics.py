@@ -73,11 +73,6 @@ class Prometheus:
 
 
 @pytest.fixture(scope="module")
-def admin_port() -> int:
-    return free_port()
-
-
-@pytest.fixture(scope="module")
 def metrics_stack(receiver: OtlpReceiver, admin_port: int,
                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     env = {"EXTPROC_ADMIN__LISTEN": f"127.0.0.1:{admin_port}",
