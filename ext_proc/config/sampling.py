@@ -174,6 +174,16 @@ class SamplingSettings(BaseModel):
         default_factory=lambda: KeepErrorsSettings.model_validate({}),
         description="Tail-keep failed or slow gateway spans.",
     )
+    prefilter: bool = Field(
+        True,
+        description=(
+            "Compile the policy into Envoy's config (envoy-config): Envoy skips the sidecar "
+            "for requests the policy will certainly not sample (unsampled parents, roots "
+            "outside the ratio by x-request-id), and the sidecar samples asked roots by the "
+            "same x-request-id rule. Off: Envoy asks about every request. keep_errors turns "
+            "it off."
+        ),
+    )
     rules_file: Path | None = Field(
         None, description="YAML file overlaying this section, watched and reloaded live.",
     )
