@@ -124,10 +124,11 @@ def build_sampling_policy(settings: Settings) -> tuple[SamplingPolicy, str | Non
     """The sampling policy with the rules file applied, and that file's digest.
     Raises RulesFileError when the file is bad."""
     base = settings.sampling
+    tenants, extract = settings.tenants, settings.propagation.extract  # the prefilter's shape
     if base.rules_file is None:
-        return build_sampling(base), None
+        return build_sampling(base, tenants=tenants, extract=extract), None
     loaded = load_rules(base.rules_file, base)
-    return build_sampling(loaded.settings), loaded.digest
+    return build_sampling(loaded.settings, tenants=tenants, extract=extract), loaded.digest
 
 
 def build_sidecar(settings: Settings, telemetry: Telemetry | None = None) -> Sidecar:

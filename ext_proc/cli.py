@@ -86,10 +86,13 @@ def serve(config_file: Path | None, listen: str | None, log_format: str | None,
 
 @main.command("check-config")
 @_config_option
-def check_config(config_file: Path | None) -> None:
+@click.option("--envoy-config", "envoy_file", type=click.Path(path_type=Path, exists=True),
+              default=None, help="An Envoy config envoy-config printed: is its prefilter stale?")
+def check_config(config_file: Path | None, envoy_file: Path | None) -> None:
     """Print the effective configuration (secrets masked), the sampling rules in force
-    (with the rules file applied) and the OTEL_* variables (headers masked); exit 2
-    when `serve` would refuse any of it."""
+    (with the rules file applied, and the prefilter's digest) and the OTEL_* variables
+    (headers masked); exit 2 when `serve` would refuse any of it. With --envoy-config,
+    warn when the prefilter that config carries is not the one these settings compile to."""
     from ext_proc.app import build_sampling_policy
     from ext_proc.policy.sampling import RulesFileError
     from ext_proc.telemetry.otel_env import TelemetryConfigError, otel_environment
@@ -106,6 +109,16 @@ def check_config(config_file: Path | None) -> None:
     except TelemetryConfigError as exc:
         click.echo(f"invalid configuration:\n{exc}", err=True)
         sys.exit(2)
+    if envoy_file is not None:
+        from ext_proc.policy.sampling.prefilter_watch import digest_in_envoy_config
+
+        watch = policy.prefilter_watch
+        watch.observe(digest_in_envoy_config(envoy_file.read_text()) or "")
+        if watch.stale:
+            carried = watch.envoy_digest or "none"
+            click.echo(f"warning: the prefilter in {envoy_file} (digest {carried}) is not "
+                       "the one these settings compile to; regenerate it with "
+                       "`extproc-otel envoy-config`", err=True)
     shown = {**settings.model_dump(mode="json"), "sampling_active": policy.describe(),
              "otel_environment": otel_environment()}
     click.echo(json.dumps(shown, indent=2))

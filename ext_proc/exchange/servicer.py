@@ -26,6 +26,10 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         self._deps = deps
         self._phase_timer = phase_timer  # (phase, ns spent answering), called after the answer
         self._route_options = route_options
+        policy = deps.policy
+        sampling = policy.sampling if policy is not None else None
+        # the digest of the prefilter Envoy runs, against the live plan's
+        self._prefilter = sampling.prefilter_watch if sampling is not None else None
         self.active: set[StreamSession] = set()  # live streams, for shutdown and tests
         self.accepting = True  # False while shutting down: new streams are refused
         self._idle = asyncio.Event()  # set whenever `active` becomes empty
@@ -39,7 +43,10 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         """One ext_proc stream's exchange, or None while shutting down."""
         if not self.accepting:  # Envoy lets the request through untraced (fail open)
             return None
-        session = StreamSession(self._deps, self._route_options.get(metadata))
+        options = self._route_options.get(metadata)
+        if self._prefilter is not None:
+            self._prefilter.observe(options.prefilter_digest)
+        session = StreamSession(self._deps, options)
         self.active.add(session)
         self._idle.clear()
         return Exchange(self, session)

@@ -9,20 +9,26 @@ records (after Envoy has its answer).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any, Final
 
 from opentelemetry.context import Context
+from opentelemetry.trace import get_current_span
 
 from ext_proc.policy.propagation import sampling_decision
 from ext_proc.policy.redaction import Redactor
 from ext_proc.policy.sampling import RequestFacts, SamplingPolicy, with_directive
+from ext_proc.policy.sampling.prefilter import REQUEST_ID, root_sampled
+from ext_proc.policy.sampling.rules import TRACE_ID_LIMIT
 from ext_proc.policy.tenants import TenantResolver
 from ext_proc.request.envoy_attrs import EnvoyAttributes
-from ext_proc.request.headers import Carrier
+from ext_proc.request.headers import Carrier, first
 from ext_proc.request.route_options import RouteOptions
 from ext_proc.telemetry import semconv as sc
 
 TENANT_ID: Final = "tenant.id"
+ALWAYS: Final = TRACE_ID_LIMIT + 1  # a bound every trace id is under
+NEVER: Final = 0
 
 
 class RequestPolicy:
@@ -53,10 +59,16 @@ class RequestPolicy:
         decision = sampling_decision(parent)  # e.g. "b3: 0": the client's decision, no ids
         if decision is not None:
             ratio = 1.0 if decision else 0.0
-        directive = self.sampling.directive(RequestFacts(
+        sampling = self.sampling
+        directive = sampling.directive(RequestFacts(
             route=route_name, path=path, method=method, headers=carrier, tenant=tenant,
             route_ratio=ratio,
         ))
+        if sampling.prefilter.enabled and not get_current_span(parent).get_span_context().is_valid:
+            # A root: decided by its x-request-id, as Envoy's prefilter decides whether to ask
+            sampled = root_sampled(first(carrier, REQUEST_ID), directive.ratio)
+            if sampled is not None:
+                directive = replace(directive, bound=ALWAYS if sampled else NEVER)
         return with_directive(parent, directive)
 
     # -- after the answer ------------------------------------------------------------

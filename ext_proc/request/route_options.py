@@ -13,6 +13,8 @@ metadata on that route's streams. Keys we read start with ``x-extproc-otel-``:
 ``x-extproc-otel-clear``         comma list of extra headers to remove upstream
 ``x-extproc-otel-sample-ratio``  head-sampling ratio for this route, 0..1
 ``x-extproc-otel-upstream-span`` ``on``/``off``: a CLIENT span around the upstream call
+``x-extproc-otel-prefilter``     set by ``envoy-config`` on the filter's grpc_service (not
+                                 per route): the digest of the prefilter Envoy runs
 ``x-extproc-otel-<key>``         any other key: route metadata, e.g. ``tenant`` for
                                  ``tenants.route_metadata_key: tenant``
 ===============================  ==============================================
@@ -43,6 +45,7 @@ INJECT: Final = PREFIX + "inject"
 CLEAR: Final = PREFIX + "clear"
 SAMPLE_RATIO: Final = PREFIX + "sample-ratio"
 UPSTREAM_SPAN: Final = PREFIX + "upstream-span"
+PREFILTER: Final = PREFIX + "prefilter"  # on the grpc_service, from envoy-config
 
 _MAX_VALUE: Final = 256
 _MAX_ATTRIBUTES: Final = 16
@@ -59,6 +62,7 @@ class RouteOptions:
     sample_ratio: float | None = None
     upstream_span: bool | None = None  # None: the sidecar's stream.upstream_span
     items: tuple[tuple[str, str], ...] = ()  # every x-extproc-otel-* entry, as sent
+    prefilter_digest: str | None = None  # the plan Envoy runs; None: it asks about all
 
     @property
     def metadata_map(self) -> dict[str, str]:
@@ -97,6 +101,7 @@ def parse_route_options(
     overrides: dict[str, str] = {}
     ratio: float | None = None
     upstream: bool | None = None
+    prefilter: str | None = None
     for key, value in items:
         if key == HTTP_ROUTE and value:
             http_route = value
@@ -107,6 +112,8 @@ def parse_route_options(
                 attributes.append((key[len(ATTR_PREFIX):], value))
         elif key in _PROPAGATION_KEYS:
             overrides[_PROPAGATION_KEYS[key]] = value
+        elif key == PREFILTER:
+            prefilter = value
         elif key == UPSTREAM_SPAN:
             upstream = value.strip().lower() not in _OFF
         elif key == SAMPLE_RATIO:
@@ -121,7 +128,7 @@ def parse_route_options(
         except ValidationError as exc:
             logger.debug("route propagation override ignored", reason=str(exc.errors()[0]["msg"]))
     return RouteOptions(http_route, tracing, tuple(attributes), propagation, ratio, upstream,
-                        items)
+                        items, prefilter)
 
 
 class RouteOptionsCache:

@@ -19,8 +19,9 @@ from ext_proc.policy.sampling.directive import (
     directive_from,
     with_directive,
 )
+from ext_proc.policy.sampling.env import sampler_from_env
 from ext_proc.policy.sampling.keep_errors import KEPT_ATTRIBUTE, KeepErrorsProcessor
-from ext_proc.policy.sampling.policy import SamplingPolicy, build_sampling, sampler_from_env
+from ext_proc.policy.sampling.policy import SamplingPolicy, build_sampling
 from ext_proc.policy.sampling.reload import (
     LoadedRules,
     RulesFileError,

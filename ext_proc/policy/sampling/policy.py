@@ -9,18 +9,19 @@ settings leave ``ratio``/``parent_based`` unset.
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any
 
 from loguru import logger
 
-from ext_proc.config.sampling import SamplingSettings
+from ext_proc.config.sampling import SamplingSettings, TenantSettings
 from ext_proc.policy.sampling.budget import Clock, TenantBudgets
 from ext_proc.policy.sampling.directive import DirectiveSource, RequestFacts, SamplingDirective
+from ext_proc.policy.sampling.env import ENV_SAMPLER, sampler_from_env
+from ext_proc.policy.sampling.prefilter import PrefilterPlan, compile_prefilter
+from ext_proc.policy.sampling.prefilter_watch import PrefilterWatch
 from ext_proc.policy.sampling.rules import (
     CompiledRule,
     bound_for,
@@ -30,56 +31,14 @@ from ext_proc.policy.sampling.rules import (
 )
 from ext_proc.policy.sampling.sampler import GatewaySampler
 
-ENV_SAMPLER: Final = "OTEL_TRACES_SAMPLER"
-ENV_SAMPLER_ARG: Final = "OTEL_TRACES_SAMPLER_ARG"
-_DEFAULT_SAMPLER: Final = "parentbased_always_on"
-# name -> (follows parent, fixed ratio or None when the ratio comes from the arg)
-_ENV_SAMPLERS: Final[Mapping[str, tuple[bool, float | None]]] = {
-    "always_on": (False, 1.0),
-    "always_off": (False, 0.0),
-    "traceidratio": (False, None),
-    "parentbased_always_on": (True, 1.0),
-    "parentbased_always_off": (True, 0.0),
-    "parentbased_traceidratio": (True, None),
-}
-
-
-@dataclass(frozen=True, slots=True)
-class EnvSampler:
-    name: str
-    follow_parent: bool
-    ratio: float
-
-
-def sampler_from_env(environ: Mapping[str, str]) -> EnvSampler:
-    """Read the standard OTel variables; unknown names or bad args fall back with a warning."""
-    name = environ.get(ENV_SAMPLER, _DEFAULT_SAMPLER).strip().lower() or _DEFAULT_SAMPLER
-    if name not in _ENV_SAMPLERS:
-        logger.warning("unsupported sampler in env, using default", variable=ENV_SAMPLER,
-                       value=name, default=_DEFAULT_SAMPLER)
-        name = _DEFAULT_SAMPLER
-    follow, ratio = _ENV_SAMPLERS[name]
-    if ratio is None:
-        ratio = _ratio_arg(environ.get(ENV_SAMPLER_ARG))
-    return EnvSampler(name, follow, ratio)
-
-
-def _ratio_arg(text: str | None) -> float:
-    try:
-        value = float(text) if text is not None else math.nan
-    except ValueError:
-        value = math.nan
-    if not 0.0 <= value <= 1.0:  # also rejects NaN
-        logger.warning("bad sampler argument, using 1.0", variable=ENV_SAMPLER_ARG, value=text)
-        return 1.0
-    return value
-
 
 class _Snapshot:
     """Everything `directive` needs, built once per settings version."""
 
-    def __init__(self, settings: SamplingSettings, clock: Clock, env: Mapping[str, str]) -> None:
+    def __init__(self, settings: SamplingSettings, clock: Clock, env: Mapping[str, str],
+                 tenants: TenantSettings, extract: tuple[str, ...]) -> None:
         self.settings = settings
+        self.prefilter: PrefilterPlan = compile_prefilter(settings, tenants, extract, env)
         env_sampler = None if settings.rules else sampler_from_env(env)
         self.ratio_source = "settings"
         if settings.ratio is not None:
@@ -159,11 +118,25 @@ class SamplingPolicy:
         settings: SamplingSettings,
         clock: Clock = time.monotonic,
         environ: Mapping[str, str] | None = None,
+        tenants: TenantSettings | None = None,
+        extract: tuple[str, ...] = (),
     ) -> None:
         self._clock = clock
         self._environ: Mapping[str, str] = dict(os.environ if environ is None else environ)
-        self._snapshot = _Snapshot(settings, clock, self._environ)
+        self._tenants = tenants or TenantSettings.model_validate({})
+        self._extract = extract
+        self._snapshot = self._compile(settings)
         self.sampler = GatewaySampler(self._default_directive)
+        # the plan Envoy says it runs (ext_proc initial metadata), against the live one
+        self.prefilter_watch = PrefilterWatch(lambda: self._snapshot.prefilter)
+
+    def _compile(self, settings: SamplingSettings) -> _Snapshot:
+        return _Snapshot(settings, self._clock, self._environ, self._tenants, self._extract)
+
+    @property
+    def prefilter(self) -> PrefilterPlan:
+        """The live plan: when enabled, asked roots are sampled by their x-request-id."""
+        return self._snapshot.prefilter
 
     def _default_directive(self) -> SamplingDirective:
         return self._snapshot.default
@@ -178,14 +151,15 @@ class SamplingPolicy:
 
     def reload(self, settings: SamplingSettings) -> None:
         """Compile `settings` and swap them in atomically (budgets start full again)."""
-        snapshot = _Snapshot(settings, self._clock, self._environ)
+        snapshot = self._compile(settings)
         self._snapshot = snapshot
+        self.prefilter_watch.recheck()
         logger.info("sampling rules applied", rules=len(settings.rules),
                     tenants=len(settings.tenants), ratio=snapshot.ratio)
 
     def describe(self) -> dict[str, Any]:
         """The active policy as plain JSON-able data (check-config, admin /config)."""
-        return self._snapshot.describe()
+        return {**self._snapshot.describe(), "prefilter": self.prefilter_watch.describe()}
 
 
 def build_sampling(
@@ -193,6 +167,10 @@ def build_sampling(
     *,
     clock: Clock = time.monotonic,
     environ: Mapping[str, str] | None = None,
+    tenants: TenantSettings | None = None,
+    extract: tuple[str, ...] = (),
 ) -> SamplingPolicy:
-    """Build the policy; `environ` defaults to a copy of ``os.environ`` taken now."""
-    return SamplingPolicy(settings, clock=clock, environ=environ)
+    """Build the policy; `environ` defaults to a copy of ``os.environ`` taken now.
+    `tenants` and `extract` (propagation.extract) shape the prefilter plan."""
+    return SamplingPolicy(settings, clock=clock, environ=environ, tenants=tenants,
+                          extract=extract)

@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Final
 
 from ext_proc.config.sampling import SamplingRule, SamplingSettings, TenantSettings
+from ext_proc.policy.sampling.env import sampler_from_env
 
 PRECISION: Final = 4096  # buckets of x-request-id: three hex digits
 REQUEST_ID: Final = "x-request-id"
@@ -111,8 +112,6 @@ class PrefilterPlan:
 
 def effective_defaults(settings: SamplingSettings, env: Mapping[str, str]) -> tuple[float, bool]:
     """The default root ratio and parent-following the sidecar applies (as its policy)."""
-    from ext_proc.policy.sampling.policy import sampler_from_env
-
     env_sampler = None if settings.rules else sampler_from_env(env)
     ratio = (settings.ratio if settings.ratio is not None
              else env_sampler.ratio if env_sampler is not None else 1.0)

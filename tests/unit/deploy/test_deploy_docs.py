@@ -22,8 +22,9 @@ TUNE: Final = DOCS / "tune-via-envoy.md"
 
 def _knobs() -> set[str]:
     """Every metadata key the sidecar reads, from route_options' constants."""
+    not_per_route = {"PREFIX", "PREFILTER"}  # PREFILTER: envoy-config sets it, per filter
     return {value for name, value in vars(route_options).items()
-            if isinstance(value, str) and name.isupper() and name != "PREFIX"
+            if isinstance(value, str) and name.isupper() and name not in not_per_route
             and value.startswith(route_options.PREFIX)}
 
 
