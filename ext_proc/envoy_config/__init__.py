@@ -36,12 +36,14 @@ from ext_proc.envoy_config.builders import (
     to_dict,
 )
 from ext_proc.envoy_config.mesh import envoy_gateway, istio_envoy_filter
+from ext_proc.envoy_config.prefilter import PREFILTER_METADATA, comment, plan_for, unwrap
 
 __all__ = [
     "EG_ATTRIBUTE",
     "EXT_PROC_FILTER",
     "FORMATS",
     "GRACEFUL_CLOSE_FLAG",
+    "PREFILTER_METADATA",
     "ROUTER_FILTER",
     "EnvoyConfigOptions",
     "Format",
@@ -52,6 +54,7 @@ __all__ = [
     "istio_envoy_filter",
     "options_for",
     "per_route_config",
+    "plan_for",
     "render",
     "route_disabled",
     "route_override",
@@ -59,11 +62,13 @@ __all__ = [
     "sidecar_cluster",
     "snippet",
     "to_dict",
+    "unwrap",
 ]
 
 
 def render(fmt: Format, settings: Settings, opts: EnvoyConfigOptions) -> str:
-    """The YAML text for `fmt` (multi-document for ``envoy-gateway``)."""
+    """The YAML text for `fmt` (multi-document for ``envoy-gateway``), headed by a comment
+    on the prefilter: what Envoy skips, or why it asks about every request."""
     docs: list[Doc]
     if fmt == "bootstrap":
         docs = [to_dict(bootstrap(settings, opts))]
@@ -75,7 +80,7 @@ def render(fmt: Format, settings: Settings, opts: EnvoyConfigOptions) -> str:
         docs = envoy_gateway(settings, opts)
     else:
         raise ValueError(f"unknown format {fmt!r}: use one of {', '.join(FORMATS)}")
-    return yaml.dump_all(docs, Dumper=_Dumper, sort_keys=False)
+    return comment(plan_for(settings)) + yaml.dump_all(docs, Dumper=_Dumper, sort_keys=False)
 
 
 class _Dumper(yaml.SafeDumper):

@@ -13,6 +13,7 @@ from typing import Any, Final, Literal
 
 from ext_proc.config import Settings
 from ext_proc.config.core import split_host_port
+from ext_proc.envoy_config.prefilter import PREFILTER_METADATA, plan_for, wrap
 from ext_proc.request.route_options import HTTP_ROUTE as ROUTE_HEADER
 from ext_proc.telemetry.semconv import EnvoyAttr
 
@@ -81,8 +82,14 @@ def ext_proc_filter(settings: Settings, opts: EnvoyConfigOptions, *, lean: bool)
 
     `lean` (only with the access-log join, `access_log_join`): Envoy skips the response
     phase and the sidecar learns each response from the access log, asking for the
-    phase (``mode_override``) only for requests that need it."""
-    from envoy_data_plane.envoy.config.core.v3 import GrpcService, GrpcServiceEnvoyGrpc
+    phase (``mode_override``) only for requests that need it. With the prefilter on, the
+    filter is wrapped so that Envoy skips what the sidecar would not sample
+    (`ext_proc.envoy_config.prefilter`), and the stream carries the plan's digest."""
+    from envoy_data_plane.envoy.config.core.v3 import (
+        GrpcService,
+        GrpcServiceEnvoyGrpc,
+        HeaderValue,
+    )
     from envoy_data_plane.envoy.extensions.filters.http.ext_proc.v3 import (
         ExternalProcessor,
         MetadataOptions,
@@ -97,8 +104,11 @@ def ext_proc_filter(settings: Settings, opts: EnvoyConfigOptions, *, lean: bool)
 
     send, skip = ProcessingModeHeaderSendMode.SEND, ProcessingModeHeaderSendMode.SKIP
     namespaces = MetadataOptionsMetadataNamespaces(untyped=[settings.stream.metadata_namespace])
+    plan = plan_for(settings)
+    digest = [HeaderValue(key=PREFILTER_METADATA, value=plan.digest())] if plan.enabled else []
     processor = ExternalProcessor(
-        grpc_service=GrpcService(envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=opts.cluster_name)),
+        grpc_service=GrpcService(envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=opts.cluster_name),
+                                 initial_metadata=digest),
         failure_mode_allow=True,
         message_timeout=opts.message_timeout,
         processing_mode=ProcessingMode(
@@ -113,7 +123,7 @@ def ext_proc_filter(settings: Settings, opts: EnvoyConfigOptions, *, lean: bool)
         metadata_options=MetadataOptions(forwarding_namespaces=namespaces,
                                          receiving_namespaces=namespaces),
     )
-    return HttpFilter(name=EXT_PROC_FILTER, typed_config=_pack(processor))
+    return wrap(plan, HttpFilter(name=EXT_PROC_FILTER, typed_config=_pack(processor)))
 
 
 def sidecar_cluster(opts: EnvoyConfigOptions) -> Any:

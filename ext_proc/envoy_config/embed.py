@@ -24,6 +24,7 @@ from ext_proc.envoy_config.builders import (
     ROUTER_FILTER,
     Doc,
 )
+from ext_proc.envoy_config.prefilter import unwrap
 
 _ROUTER: Final = {"name": ROUTER_FILTER, "typed_config": {
     "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
@@ -86,7 +87,7 @@ def host_bootstrap(fragments: Fragments) -> Doc:
 
 def _grpc_clusters(filters: Iterable[Doc]) -> Iterator[str]:
     for flt in filters:
-        grpc = flt.get("typed_config", {}).get("grpc_service", {})
+        grpc = unwrap(flt).get("grpc_service", {})  # through a prefilter's match_delegate
         name = grpc.get("envoy_grpc", {}).get("cluster_name")
         if isinstance(name, str):
             yield name

@@ -19,6 +19,7 @@ from ext_proc.envoy_config import (
     options_for,
     render,
     snippet,
+    unwrap,
 )
 from ext_proc.envoy_config.embed import envoy_configs, envoy_validate
 from ext_proc.request.route_options import HTTP_ROUTE, route_options
@@ -36,8 +37,7 @@ def _settings(**stream: Any) -> Settings:
 def _ext_proc_config(text: str) -> dict[str, Any]:
     flt = _docs(text)[0]["http_filters"][0]
     assert flt["name"] == EXT_PROC_FILTER
-    config: dict[str, Any] = flt["typed_config"]
-    return config
+    return unwrap(flt)
 
 
 def test_snippet_carries_the_attributes_mode_and_namespace_of_the_settings() -> None:
@@ -119,7 +119,7 @@ def test_istio_variants(context: str, expected: str) -> None:
     assert patches[0]["match"]["context"] == expected
     assert patches[0]["patch"]["operation"] == "INSERT_BEFORE"
     # no access-log join in a mesh: Envoy must send every response phase
-    mode = patches[0]["patch"]["value"]["typed_config"]["processing_mode"]
+    mode = unwrap(patches[0]["patch"]["value"])["processing_mode"]
     assert (mode["response_header_mode"], mode["response_trailer_mode"]) == ("SEND", "SEND")
     assert patches[0]["match"]["listener"]["filterChain"]["filter"]["subFilter"]["name"] == (
         "envoy.filters.http.router")
