@@ -80,7 +80,8 @@ def render(fmt: Format, settings: Settings, opts: EnvoyConfigOptions) -> str:
         docs = envoy_gateway(settings, opts)
     else:
         raise ValueError(f"unknown format {fmt!r}: use one of {', '.join(FORMATS)}")
-    return comment(plan_for(settings)) + yaml.dump_all(docs, Dumper=_Dumper, sort_keys=False)
+    head = comment(plan_for(settings), carried=fmt != "envoy-gateway")
+    return head + yaml.dump_all(docs, Dumper=_Dumper, sort_keys=False)
 
 
 class _Dumper(yaml.SafeDumper):

@@ -148,9 +148,15 @@ def unwrap(http_filter: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
-def comment(plan: PrefilterPlan) -> str:
+EG_NO_MATCHER: Final = ("Envoy Gateway's EnvoyExtensionPolicy has no matcher (see "
+                        "docs/attach-istio-envoy-gateway.md): Envoy asks about every request")
+
+
+def comment(plan: PrefilterPlan, *, carried: bool = True) -> str:
     """The YAML comment that heads a printed config: what Envoy skips, or why it asks
-    about every request."""
+    about every request (`carried`: the format can hold the wrapper)."""
+    if plan.enabled and not carried:
+        return f"# extproc-otel prefilter off: {EG_NO_MATCHER}\n"
     if not plan.enabled:
         return f"# extproc-otel prefilter off: {plan.why}\n"
     return f"# extproc-otel prefilter {plan.digest()}: {plan.why}\n"

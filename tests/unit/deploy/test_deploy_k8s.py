@@ -19,7 +19,7 @@ import yaml
 from ext_proc.config import load_settings
 from ext_proc.config.core import split_host_port
 from ext_proc.dev.devstack import ROOT
-from ext_proc.envoy_config import EG_ATTRIBUTE, EXT_PROC_FILTER
+from ext_proc.envoy_config import EG_ATTRIBUTE, EXT_PROC_FILTER, unwrap
 from ext_proc.telemetry.semconv import EnvoyAttr
 
 K8S: Final = ROOT / "envoy" / "k8s"
@@ -168,8 +168,8 @@ def test_istio_has_gateway_and_sidecar_variants() -> None:
         (flt,) = [p["patch"]["value"] for p in envoy_filter["spec"]["configPatches"]
                   if p["applyTo"] == "HTTP_FILTER"]
         assert flt["name"] == EXT_PROC_FILTER
-        assert flt["typed_config"]["request_attributes"] == list(EnvoyAttr.REQUEST)
-        assert flt["typed_config"]["response_attributes"] == list(EnvoyAttr.RESPONSE)
+        assert unwrap(flt)["request_attributes"] == list(EnvoyAttr.REQUEST)  # through the prefilter
+        assert unwrap(flt)["response_attributes"] == list(EnvoyAttr.RESPONSE)
 
 
 def test_envoy_gateway_policy_points_at_the_sidecar_service() -> None:

@@ -234,6 +234,13 @@ def test_off_gives_the_bare_filter_and_says_why(sampling: dict[str, Any]) -> Non
         assert MATCH_DELEGATE_TYPE not in text
 
 
+def test_envoy_gateway_says_it_cannot_carry_the_prefilter() -> None:
+    settings = load_settings(**RICH)
+    text = render("envoy-gateway", settings, options_for(settings))
+    assert text.startswith("# extproc-otel prefilter off: Envoy Gateway's EnvoyExtensionPolicy")
+    assert MATCH_DELEGATE_TYPE not in text
+
+
 def test_on_names_the_digest_on_the_stream_and_in_the_comment() -> None:
     settings = load_settings(**RICH)
     plan = plan_for(settings)
@@ -254,7 +261,7 @@ def test_envoy_accepts_every_format_with_and_without_the_wrapper(fmt: Format,
     configs = [c for doc in yaml.safe_load_all(text) if doc for c in envoy_configs(doc)]
     assert configs
     wrapped = [c for c in configs if MATCH_DELEGATE_TYPE in yaml.safe_dump(c)]
-    assert bool(wrapped) is (prefilter and fmt != "envoy-gateway") or fmt == "envoy-gateway"
+    assert bool(wrapped) is (prefilter and fmt != "envoy-gateway")
     for config in configs:
         verdict = envoy_validate(config, envoy_binary())
         assert verdict.ok, verdict.output[-2000:]
