@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import FrameType
 
@@ -15,11 +16,13 @@ from loguru import logger
 
 import ext_proc
 from ext_proc import h2grpc
+from ext_proc._gen.envoy.data.accesslog.v3.accesslog_pb2 import HTTPAccessLogEntry
 from ext_proc._gen.envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from ext_proc.config import Settings
 from ext_proc.exchange.join import AccessLogJoin
 from ext_proc.exchange.servicer import ExternalProcessor
 from ext_proc.exchange.session import StreamDeps
+from ext_proc.exchange.unasked import UnaskedRequests
 from ext_proc.policy.propagation import PropagatorCache, Rejections
 from ext_proc.policy.redaction import Redactor
 from ext_proc.policy.request_policy import RequestPolicy
@@ -32,6 +35,7 @@ from ext_proc.policy.sampling import (
 )
 from ext_proc.policy.tenants import TenantResolver
 from ext_proc.request.route_options import RouteOptionsCache
+from ext_proc.request.seams import StreamObserver
 from ext_proc.telemetry.access_lines import AccessLog
 from ext_proc.telemetry.metrics.wiring import Observability, build_observability
 from ext_proc.telemetry.provider import Telemetry, build_telemetry
@@ -141,14 +145,17 @@ def build_sidecar(settings: Settings, telemetry: Telemetry | None = None) -> Sid
     rejections = Rejections()
     propagators = PropagatorCache(rejections)
     stream = settings.stream
-    join = AccessLogJoin(stream.join_timeout_s, stream.response_wait_s) \
+    observers = (AccessLog(),) * settings.log.access_log + tuple(observability.observers)
+    redactor, tenants = Redactor(settings.redaction), TenantResolver(settings.tenants)
+    join = AccessLogJoin(stream.join_timeout_s, stream.response_wait_s,
+                         unasked=unasked_requests(observers, redactor, tenants),
+                         namespace=stream.metadata_namespace) \
         if stream.join_access_log else None
     deps = StreamDeps(
         tracer=telemetry.tracer,
         propagator=propagators.get(settings.propagation),
         propagators=propagators,
-        policy=RequestPolicy(Redactor(settings.redaction), sampling,
-                             TenantResolver(settings.tenants)),
+        policy=RequestPolicy(redactor, sampling, tenants),
         attributes_namespace=settings.stream.attributes_namespace,
         metadata_namespace=settings.stream.metadata_namespace,
         graceful_close=settings.stream.graceful_close,
@@ -156,7 +163,7 @@ def build_sidecar(settings: Settings, telemetry: Telemetry | None = None) -> Sid
         finalizer=join,
         # with several workers a request's access-log entry may reach another worker
         response_phase=settings.server.workers > 1,
-        observers=(AccessLog(),) * settings.log.access_log + tuple(observability.observers),
+        observers=observers,
     )
     processor = ExternalProcessor(deps, RouteOptionsCache(settings.propagation),
                                   phase_timer=observability.phase_timer)
@@ -173,6 +180,17 @@ def build_sidecar(settings: Settings, telemetry: Telemetry | None = None) -> Sid
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     return Sidecar(settings, telemetry, processor, health_servicer, server, rejections,
                    sampling, sampling_digest=digest, observability=observability, join=join)
+
+
+def unasked_requests(observers: tuple[StreamObserver, ...], redactor: Redactor,
+                     tenants: TenantResolver,
+                     ) -> Callable[[list[HTTPAccessLogEntry]], None] | None:
+    """What counts the requests Envoy did not ask about (from its access log), if any
+    observer wants them: url.path redacted as on spans, the tenant from logged headers."""
+    if not observers:
+        return None
+    return UnaskedRequests(observers, path=lambda raw: redactor.path_and_query(raw)[0],
+                           tenant=lambda headers: tenants.resolve(headers, {})).handle
 
 
 def build_server(settings: Settings) -> grpc.aio.Server | h2grpc.Server:

@@ -149,9 +149,19 @@ class AccessLogService(pb_grpc.AccessLogServiceServicer):
 
     FINAL_TYPES: Final = frozenset({log_pb.NotSet, log_pb.DownstreamEnd})
 
-    def __init__(self, on_entry: Callable[[FinalFacts], None]) -> None:
+    def __init__(self, on_entry: Callable[[FinalFacts], None], *,
+                 on_unasked: Callable[[list[log_pb.HTTPAccessLogEntry]], None] | None = None,
+                 namespace: str = "extproc_otel",
+                 awaited: Callable[[str], bool] | None = None) -> None:
         self._on_entry = on_entry
+        # Final entries without our dynamic metadata `namespace` (the sidecar was not
+        # asked, see exchange/unasked.py) whose request id no exchange is `awaited` for
+        # go to `on_unasked` instead, the entries of one message together.
+        self._on_unasked = on_unasked
+        self._namespace = namespace
+        self._awaited = awaited
         self.entries = 0  # final HTTP entries handed to on_entry
+        self.unasked = 0  # final HTTP entries handed to on_unasked
         self.ignored = 0  # entries without a request id, or not final
         self.streams = 0  # open ALS streams (one per Envoy worker and log config)
         self.connected = False  # an ALS stream has been seen: Envoy sends us its log
@@ -164,7 +174,11 @@ class AccessLogService(pb_grpc.AccessLogServiceServicer):
         """Deliver the facts of every final HTTP entry in one message. Never raises."""
         if message.WhichOneof("log_entries") != "http_logs":
             return
+        unasked: list[log_pb.HTTPAccessLogEntry] = []
         for entry in message.http_logs.log_entry:
+            if self._on_unasked is not None and self.is_unasked(entry):
+                unasked.append(entry)
+                continue
             try:
                 facts = final_facts(entry)
             except Exception:  # a malformed entry must not cost the rest of the batch
@@ -179,6 +193,22 @@ class AccessLogService(pb_grpc.AccessLogServiceServicer):
             except Exception:
                 logger.opt(exception=True).error("access log entry handler failed",
                                                  request_id=facts.request_id)
+        if unasked and self._on_unasked is not None:
+            self.unasked += len(unasked)
+            try:
+                self._on_unasked(unasked)
+            except Exception:
+                logger.opt(exception=True).error("unasked entries handler failed")
+
+    def is_unasked(self, entry: log_pb.HTTPAccessLogEntry) -> bool:
+        """A final entry of a request the sidecar was not asked about: no dynamic metadata
+        in our namespace (set by every answer to request headers), and no exchange waits
+        for its request id (one whose answer Envoy dropped: message_timeout)."""
+        common = entry.common_properties
+        if self._namespace in common.metadata.filter_metadata or not _is_final(common):
+            return False
+        request_id = entry.request.request_id
+        return not (request_id and self._awaited is not None and self._awaited(request_id))
 
     async def StreamAccessLogs(
         self,

@@ -11,6 +11,7 @@ import asyncio
 import time
 from collections.abc import Callable
 
+from ext_proc._gen.envoy.data.accesslog.v3 import accesslog_pb2 as log_pb
 from ext_proc.exchange.als import AccessLogService, FinalFacts
 from ext_proc.exchange.finalizer import Finish, SpanFinalizer
 
@@ -32,11 +33,15 @@ class AccessLogJoin:
 
     def __init__(self, timeout_s: float, response_wait_s: float,
                  loop_time: Callable[[], float] = time.monotonic,
-                 probe_s: float = 10.0) -> None:
+                 probe_s: float = 10.0, *,
+                 unasked: Callable[[list[log_pb.HTTPAccessLogEntry]], None] | None = None,
+                 namespace: str = "extproc_otel") -> None:
         self.finalizer = SpanFinalizer(loop_time, timeout_s, on_finished=self._finished)
         self.awaiting = SpanFinalizer(loop_time, response_wait_s, max_kept=0,
                                       on_finished=self._finished)
-        self.service = AccessLogService(self.deliver)
+        # `unasked`: entries of requests Envoy did not ask us about (exchange/unasked.py)
+        self.service = AccessLogService(self.deliver, on_unasked=unasked,
+                                        namespace=namespace, awaited=self.awaited)
         self._now = loop_time
         self._probe_s = probe_s
         self._probe_until: float | None = None
@@ -77,6 +82,10 @@ class AccessLogJoin:
         if not self.service.connected:
             self.awaiting.flush()
             self._finished()
+
+    def awaited(self, request_id: str) -> bool:
+        """Whether a closed exchange waits for this request's entry."""
+        return self.awaiting.is_parked(request_id) or self.finalizer.is_parked(request_id)
 
     def deliver(self, facts: FinalFacts) -> None:
         if self.awaiting.is_parked(facts.request_id):

@@ -122,8 +122,7 @@ class StreamSession:
     def _needs_response_phase(self, propagator: Propagator) -> bool:
         """Ask a lean Envoy for the response phase? If something needs the response
         headers, or its access log cannot tell how the exchange ends (no join or stream)."""
-        deps = self._deps
-        finalizer = deps.finalizer
+        deps, finalizer = self._deps, self._deps.finalizer
         return (self._client is not None or propagator.wants_response
                 or (deps.policy is not None and deps.policy.wants_response)
                 or deps.response_phase or finalizer is None
@@ -143,17 +142,22 @@ class StreamSession:
         self._carrier = carrier
         if self._client is not None:
             self._pending = request  # the upstream span ends after the answer
-        if self.span is None:  # denied before ext_proc saw the request
+        span, denied = self.span, self.span is None  # denied before ext_proc saw the request
+        if span is None:
             self._start_ns = time.time_ns()
-            self.span = self._deps.tracer.start_span(
+            span = self.span = self._deps.tracer.start_span(
                 "HTTP", kind=SpanKind.SERVER, start_time=self._start_ns,
                 attributes=dict(self._options.attributes))
-        extra = self._propagator.response_headers(self.span.get_span_context())
-        if not extra:
+        extra = self._propagator.response_headers(span.get_span_context())
+        if not extra and not denied:
             return empty_response("response_headers")
         answer = pb.ProcessingResponse()  # filled in place, as the request's answer
-        header_mutation(extra, append=APPENDED,
-                        into=answer.response_headers.response.header_mutation)
+        mutation = answer.response_headers.response.header_mutation
+        mutation.SetInParent()  # a response_headers answer even when nothing changes
+        header_mutation(extra, append=APPENDED, into=mutation)
+        if denied:  # its access-log entry must say it was asked: counted here, not there
+            trace_metadata(self._deps.metadata_namespace, span.get_span_context(),
+                           into=answer.dynamic_metadata)
         return answer
 
     # -- recording (after the answer is written) --------------------------------
@@ -250,20 +254,15 @@ class StreamSession:
         if self._deps.observers:
             self._notify(span, end_ns, error_type, final)
         self.span = None
-        self._facts = None
-        self._response_attrs = None
-        self._carrier = None
+        self._facts = self._response_attrs = self._carrier = None
 
     def _notify(self, span: Span, end_ns: int, error_type: str | None,
                 final: FinalFacts | None) -> None:
         facts = self._facts
         record = ExchangeRecord(
-            method=facts.method if facts else None,
-            route=facts.route if facts else None,
-            path=self._url_path(),
-            request_id=facts.request_id if facts else None,
-            status=self._status,
-            error_type=error_type,
+            method=facts.method if facts else None, route=facts.route if facts else None,
+            path=self._url_path(), request_id=facts.request_id if facts else None,
+            status=self._status, error_type=error_type,
             duration_s=(end_ns - self._start_ns) / 1e9,
             span_context=span.get_span_context(),
             grpc_status=self._grpc_status,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Final
 
 from loguru import logger
 
@@ -14,7 +14,8 @@ from ext_proc.telemetry.logs import ACCESS_MESSAGE
 
 
 class AccessLog:
-    """A `StreamObserver` writing ``access`` lines with the span's ids.
+    """A `StreamObserver` writing ``access`` lines with the span's ids (null for a
+    request Envoy did not ask the sidecar about: it has no span).
 
     The line is the same either way: built here and handed to the JSON sink when
     that is the only sink (`logs.direct_sink`), else logged through loguru."""
@@ -25,10 +26,11 @@ class AccessLog:
     @staticmethod
     def fields(record: ExchangeRecord) -> dict[str, Any]:
         ctx = record.span_context
+        valid = ctx.is_valid  # not: a request Envoy did not ask us about (no span)
         fields: dict[str, Any] = {
-            "trace_id": format(ctx.trace_id, "032x"),
-            "span_id": format(ctx.span_id, "016x"),
-            "trace_flags": format(int(ctx.trace_flags), "02x"),
+            "trace_id": format(ctx.trace_id, "032x") if valid else None,
+            "span_id": format(ctx.span_id, "016x") if valid else None,
+            "trace_flags": format(int(ctx.trace_flags), "02x") if valid else None,
             "method": record.method,
             "path": record.path,
             "status": record.status,
@@ -51,10 +53,10 @@ class AccessLog:
         """The JSON line of `record`: what ``json.dumps`` makes of the ``ts``/``level``/
         ``msg`` header and `fields`, written out directly (2.8 against 6.5 µs)."""
         ctx = record.span_context
+        ids = (f'"trace_id":"{ctx.trace_id:032x}","span_id":"{ctx.span_id:016x}",'
+               f'"trace_flags":"{int(ctx.trace_flags):02x}"' if ctx.is_valid else _NO_IDS)
         line = (f'{{"ts":"{datetime.now(UTC).isoformat(timespec="microseconds")}",'
-                f'"level":"INFO","msg":"{ACCESS_MESSAGE}",'
-                f'"trace_id":"{ctx.trace_id:032x}","span_id":"{ctx.span_id:016x}",'
-                f'"trace_flags":"{int(ctx.trace_flags):02x}","method":{_text(record.method)},'
+                f'"level":"INFO","msg":"{ACCESS_MESSAGE}",{ids},"method":{_text(record.method)},'
                 f'"path":{_text(record.path)},'
                 f'"status":{"null" if record.status is None else int(record.status)},'
                 f'"duration_ms":{json.dumps(round(record.duration_s * 1000, 3))},'
@@ -62,6 +64,9 @@ class AccessLog:
         if record.tenant is not None:
             line += f',"tenant":{_text(record.tenant)}'
         return line + "}"
+
+
+_NO_IDS: Final = '"trace_id":null,"span_id":null,"trace_flags":null'  # no span: not asked
 
 
 def _text(value: str | None) -> str:

@@ -12,7 +12,7 @@ from typing import Any, Final
 
 from opentelemetry.context import Context
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
-from opentelemetry.trace import NonRecordingSpan, set_span_in_context
+from opentelemetry.trace import INVALID_SPAN, NonRecordingSpan, set_span_in_context
 
 from ext_proc.config.telemetry import MetricsSettings
 from ext_proc.request.seams import ExchangeRecord
@@ -29,6 +29,9 @@ PROTOCOL_ERRORS: Final = "extproc.grpc.protocol_errors"
 PHASE: Final = "extproc.phase"
 FORMAT: Final = "extproc.propagation.format"
 TENANT_ID: Final = "tenant.id"
+
+# Not empty: the SDK takes an empty context for "none given" and uses the current one.
+_NO_SPAN: Final = set_span_in_context(INVALID_SPAN)
 
 # The stable HTTP semantic conventions' advice for http.server.request.duration.
 DURATION_BUCKETS: Final = (
@@ -101,7 +104,9 @@ class RedMetrics:
             name = self.method(record.method)
             self._active[name] = self._active.get(name, 0) - 1
         context: Context | None = None
-        if self._settings.exemplars and record.span_context.is_valid:
+        if not record.span_context.is_valid:
+            context = _NO_SPAN  # no span (Envoy did not ask us): never an exemplar
+        elif self._settings.exemplars:
             context = set_span_in_context(NonRecordingSpan(record.span_context))
         attributes = self.attributes(record)
         self._duration.record(max(record.duration_s, 0.0), attributes, context)
