@@ -28,6 +28,8 @@ class RunResult:
     requests: int  # requests Envoy received in the whole run (warm-up, saturation, light)
     spans: int | None  # spans the receiver got for this run; None: nothing traces
     failed_open: int  # ext_proc streams Envoy let through untraced (failure_mode_allow)
+    expected_spans: int | None = None  # what zero loss means: requests, or those sampled
+    asked: int = 0  # ext_proc streams Envoy opened (the prefilter skips the rest)
 
     def cpu_us(self, seconds: float | None) -> float | None:
         if seconds is None or self.saturation.requests == 0:
@@ -51,6 +53,8 @@ class Row:
     failed_open: int
     errors: int
     rounds: int
+    expected_spans: int | None = None
+    asked: int = 0
 
 
 def _median(values: Sequence[float | None]) -> float | None:
@@ -64,6 +68,7 @@ def aggregate(runs: Sequence[RunResult]) -> list[Row]:
     for variant in dict.fromkeys(r.variant for r in runs):
         mine = [r for r in runs if r.variant == variant]
         spans = [r.spans for r in mine]
+        expected = [r.expected_spans for r in mine]
         rows.append(Row(
             variant=variant, label=mine[0].label,
             rps=_median([r.saturation.rps for r in mine]) or 0.0,
@@ -76,6 +81,9 @@ def aggregate(runs: Sequence[RunResult]) -> list[Row]:
             requests=sum(r.requests for r in mine),
             spans=None if any(s is None for s in spans) else sum(s or 0 for s in spans),
             failed_open=sum(r.failed_open for r in mine),
+            expected_spans=None if any(e is None for e in expected)
+            else sum(e or 0 for e in expected),
+            asked=sum(r.asked for r in mine),
             errors=sum(r.saturation.errors + r.light.errors for r in mine),
             rounds=len(mine)))
     return rows
@@ -93,16 +101,19 @@ def _ratio(value: float, base: Row | None) -> str:
 
 def table(rows: Sequence[Row]) -> str:
     by_variant = {r.variant: r for r in rows}
-    alone, native = by_variant.get("alone"), by_variant.get("native")
+    alone = by_variant.get("alone")
     lines = [
         "| config | req/s | vs Envoy alone | vs native tracer | p50 / p99 saturated (ms) "
         "| light p50 / p99 (ms) | light p50 added (ms) | Envoy CPU µs/req "
-        "| sidecar CPU µs/req | spans / requests | failed open | errors |",
+        "| sidecar CPU µs/req | spans / expected / requests | failed open | errors |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        # a 1 % row is compared with the native tracer at 1 %
+        native = by_variant.get("native-1pct" if "1pct" in r.variant else "native")
         added = "-" if alone is None else f"{r.light_p50_ms - alone.light_p50_ms:+.2f}"
-        spans = "-" if r.spans is None else f"{r.spans:,} / {r.requests:,}"
+        expected = "~" if r.expected_spans is None else f"{r.expected_spans:,}"
+        spans = "-" if r.spans is None else f"{r.spans:,} / {expected} / {r.requests:,}"
         lines.append(
             f"| {r.label} | {r.rps:,.0f} | {_ratio(r.rps, alone)} | {_ratio(r.rps, native)} "
             f"| {r.sat_p50_ms:.2f} / {r.sat_p99_ms:.2f} "
@@ -126,8 +137,11 @@ def markdown(rows: Sequence[Row], machine: Machine, params: dict[str, Any]) -> s
         "Medians over the rounds (configs interleaved, order rotated per round). Saturation: "
         "wrk closed loop; light: a paced client at a fixed rate over keep-alive connections. "
         "CPU per request: utime+stime from /proc over the saturation phase (process tree, "
-        "workers included) divided by the requests wrk completed. Spans / requests: summed "
-        "over rounds, spans received after a flush vs requests Envoy received. Failed open: "
+        "workers included) divided by the requests wrk completed. Spans / expected / requests: "
+        "summed over rounds, spans received after a flush, the spans zero loss means (every "
+        "request; at 1 %, the requests whose x-request-id the policy samples; ~ for the "
+        "native tracer's random 1 %), and the requests Envoy received. A 1 % row's 'vs "
+        "native tracer' is against the native tracer at 1 %. Failed open: "
         "ext_proc streams Envoy gave up on (failure_mode_allow), i.e. untraced requests.",
         "",
     ])

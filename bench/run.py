@@ -32,6 +32,8 @@ from bench.variants import (
     BENCH_PATH,
     ECHO,
     ECHO_ENV,
+    SAMPLED_ENV,
+    SAMPLED_RATIO,
     SIDECAR_AB,
     VARIANTS,
     WORKERS_YAML,
@@ -41,9 +43,11 @@ from bench.variants import (
 )
 from ext_proc.dev.devstack import ROOT, Ports, Proc, envoy_binary, free_port, wait_until
 from ext_proc.dev.procs import envoy_stat, http_ok
+from ext_proc.policy.sampling.prefilter import root_sampled
 
 _NPROC: Final = os.cpu_count() or 1
 REQUESTS_STAT: Final = "http.ingress.downstream_rq_total"
+ASKED_STAT: Final = "http.ingress.ext_proc.streams_started"
 FAILED_OPEN_STAT: Final = "http.ingress.ext_proc.failure_mode_allowed"
 
 
@@ -93,6 +97,9 @@ class BenchOptions:
         return {
             "alone": "Envoy alone",
             "native": "Envoy + native OTel tracer (100%)",
+            "native-1pct": "Envoy + native OTel tracer (1%)",
+            "sidecar-1pct": "Envoy + extproc-otel (1%, Envoy asks about every request)",
+            "sidecar-1pct-prefilter": "Envoy + extproc-otel (1%, prefilter)",
             "sidecar": "Envoy + extproc-otel (1 process)",
             "workers": f"Envoy + extproc-otel ({self.workers} processes)"
                        if self.workers > 1 else "Envoy + extproc-otel (1 process, workers.yaml)",
@@ -157,10 +164,12 @@ class Bench:
             return Proc("echo", [sys.executable, "-m", "bench.echo", str(port),
                                  ECHO[variant]], rundir / "echo.log",
                         {**_clean_env(), **ECHO_ENV.get(variant, {})})
-        if variant not in ("sidecar", "workers", "baseline", *SIDECAR_AB):
+        sampled = variant in ("sidecar-1pct", "sidecar-1pct-prefilter")
+        if variant not in ("sidecar", "workers", "baseline", *SIDECAR_AB) and not sampled:
             return None
         env = {**_clean_env(), "OTEL_EXPORTER_OTLP_ENDPOINT": self.receiver.endpoint,
-               "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc", **SIDECAR_AB.get(variant, {})}
+               "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc", **SIDECAR_AB.get(variant, {}),
+               **(SAMPLED_ENV if sampled else {})}
         workers = self.options.workers if variant == "workers" else 1
         return Proc("sidecar", [sys.executable, "-m", "ext_proc", "serve", "--listen",
                                 f"127.0.0.1:{port}", "--workers", str(workers)],
@@ -211,20 +220,32 @@ class Bench:
                               opts.light_seconds)
             requests = envoy_stat(ports.admin, REQUESTS_STAT)
             failed_open = envoy_stat(ports.admin, FAILED_OPEN_STAT)
+            asked = envoy_stat(ports.admin, ASKED_STAT)
             spans: int | None = None
+            expected: int | None = requests
             if sidecar is not None and variant not in ECHO:
                 code = sidecar.stop(timeout=30)  # SIGTERM: drain, flush, exit
                 if code != 0:
                     raise RuntimeError(f"sidecar exited {code}:\n{sidecar.output()[-2000:]}")
-                spans = self.receiver.wait_for(spans_before + requests, 5, settle=1) \
-                    - spans_before
+                if not variant.startswith("sidecar-1pct"):  # counted once Envoy has flushed
+                    spans = self.receiver.wait_for(spans_before + requests, 5, settle=1) \
+                        - spans_before
             elif variant == "native":
                 spans = self.receiver.wait_for(spans_before + requests, 15) - spans_before
+            elif variant == "native-1pct":  # random: no exact count to wait for
+                expected = None
+                spans = self.receiver.wait_for(spans_before + requests, 15, settle=2) \
+                    - spans_before
+        if variant.startswith("sidecar-1pct"):
+            # Envoy has stopped, so its access log holds every request's id
+            expected = sampled_requests(rundir / "access.log")
+            spans = self.receiver.wait_for(spans_before + expected, 5, settle=1) - spans_before
         return report.RunResult(
             variant=variant, label=opts.label(variant), round=round_no,
             saturation=saturation, light=light, envoy_cpu_s=cpu1[0] - cpu0[0],
             sidecar_cpu_s=None if sidecar is None else cpu1[1] - cpu0[1],
-            requests=requests, spans=spans, failed_open=failed_open)
+            requests=requests, spans=spans, failed_open=failed_open,
+            expected_spans=expected if spans is not None else None, asked=asked)
 
 
 @dataclass(frozen=True)
@@ -239,6 +260,18 @@ class Running:
 
 class StartupError(RuntimeError):
     """A process of the run exited while starting (e.g. a free port taken meanwhile)."""
+
+
+def sampled_requests(access_log: Path) -> int:
+    """Requests of a run the sidecar samples at 1 %: those whose x-request-id bucket is
+    under the threshold (Envoy's file access log has every request's id)."""
+    count = 0
+    with access_log.open() as lines:
+        for line in lines:
+            start = line.find('"request_id":"')
+            if start >= 0 and root_sampled(line[start + 14:start + 17], SAMPLED_RATIO):
+                count += 1
+    return count
 
 
 def _alive(proc: Proc) -> bool:

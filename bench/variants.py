@@ -14,6 +14,10 @@ what traces the request:
 - ``echo``: the shipped config, with ``bench/echo.py`` instead of the sidecar: an
   ext_proc server that only answers, on the sidecar's own gRPC server
   (``ext_proc.h2grpc``). The floor under the sidecar.
+- at 1 % sampling (issue #18): ``native-1pct``, Envoy's tracer sampling 1 %;
+  ``sidecar-1pct``, the shipped config (Envoy asks about every request) and a sidecar
+  sampling 1 %; ``sidecar-1pct-prefilter``, the same with the ext_proc filter wrapped in
+  the prefilter ``envoy-config`` compiles for 1 % (Envoy asks only about ~1 %).
 """
 
 from __future__ import annotations
@@ -91,9 +95,9 @@ def _without_ext_proc(config: Config) -> None:
                 route.pop("typed_per_filter_config", None)
 
 
-def _native_tracer(config: Config, receiver_port: int) -> None:
+def _native_tracer(config: Config, receiver_port: int, percent: float = 100) -> None:
     hcm_of(config)["tracing"] = {
-        "random_sampling": {"value": 100},
+        "random_sampling": {"value": percent},
         "provider": {"name": "envoy.tracers.opentelemetry", "typed_config": {
             "@type": "type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig",
             "grpc_service": {"envoy_grpc": {"cluster_name": "otlp"}, "timeout": "1s"},
@@ -102,6 +106,27 @@ def _native_tracer(config: Config, receiver_port: int) -> None:
         static_cluster("otlp", receiver_port, http2=True))
     layers = config.setdefault("layered_runtime", {"layers": []})["layers"]
     layers.append({"name": "bench_native_tracer", "static_layer": dict(_NATIVE_RUNTIME)})
+
+
+def _with_prefilter(config: Config, ratio: float) -> None:
+    """The shipped ext_proc filter wrapped in the prefilter `envoy-config` compiles for
+    `ratio` (its matcher, and its digest as the stream's initial metadata)."""
+    from ext_proc.config import Settings
+    from ext_proc.envoy_config import options_for, render
+
+    settings = Settings.model_validate({"sampling": {"ratio": ratio}})
+    printed = yaml.safe_load(render("snippet", settings, options_for(settings)))
+    (wrapped,) = [f for f in printed["http_filters"] if f["name"] == EXT_PROC_FILTER]
+    delegate = wrapped["typed_config"]
+    digest = delegate["extension_config"]["typed_config"]["grpc_service"]["initial_metadata"]
+    hcm = hcm_of(config)
+    index = next(i for i, f in enumerate(hcm["http_filters"]) if f["name"] == EXT_PROC_FILTER)
+    shipped = hcm["http_filters"][index]
+    inner = dict(shipped["typed_config"])
+    inner["grpc_service"] = {**inner["grpc_service"], "initial_metadata": digest}
+    hcm["http_filters"][index] = {"name": EXT_PROC_FILTER, "typed_config": {
+        "@type": delegate["@type"], "xds_matcher": delegate["xds_matcher"],
+        "extension_config": {"name": EXT_PROC_FILTER, "typed_config": inner}}}
 
 
 def workers_cluster(source: Path = WORKERS_YAML) -> Config:
@@ -123,7 +148,7 @@ def proxy_config(variant: str, ports: Ports, access_log: Path, receiver_port: in
     routes = hcm_of(config)["route_config"]["virtual_hosts"][0]["routes"]
     routes.insert(0, {"name": "bench", "match": {"prefix": BENCH_PATH},
                       "route": {"cluster": "users"}})
-    if variant in ("alone", "native"):
+    if variant in ("alone", "native", "native-1pct"):
         _without_ext_proc(config)
     if variant == "sidecar-als0":  # one access log message per entry (before batching)
         for log in hcm_of(config)["access_log"]:
@@ -131,6 +156,10 @@ def proxy_config(variant: str, ports: Ports, access_log: Path, receiver_port: in
                 log["typed_config"]["common_config"]["buffer_size_bytes"] = 0
     if variant == "native":
         _native_tracer(config, receiver_port)
+    if variant == "native-1pct":
+        _native_tracer(config, receiver_port, SAMPLED_RATIO * 100)
+    if variant == "sidecar-1pct-prefilter":
+        _with_prefilter(config, SAMPLED_RATIO)
     if variant == "workers":
         clusters = config["static_resources"]["clusters"]
         index = next(i for i, c in enumerate(clusters) if c["name"] == SIDECAR_CLUSTER)
@@ -142,7 +171,11 @@ def proxy_config(variant: str, ports: Ports, access_log: Path, receiver_port: in
     return config
 
 
-VARIANTS: Final = ("alone", "native", "echo", "sidecar", "workers")
+VARIANTS: Final = ("alone", "native", "echo", "sidecar", "workers", "native-1pct",
+                    "sidecar-1pct", "sidecar-1pct-prefilter")
+SAMPLED_RATIO: Final = 0.01  # the *-1pct rows
+# The sidecar rows at 1 %: the sidecar's sampling settings (the same for both).
+SAMPLED_ENV: Final = {"EXTPROC_SAMPLING__RATIO": str(SAMPLED_RATIO)}
 # Opt-in rows (BENCH_CONFIGS) for A/B measurements of the sidecar itself: Envoy as
 # for "sidecar", the sidecar with these extra environment variables.
 SIDECAR_AB: Final = {

@@ -41,7 +41,18 @@ def test_bench_harness_counts_every_request_and_span(tmp_path: Path) -> None:
     assert by_variant["echo"].sidecar_us is not None and by_variant["echo"].sidecar_us > 0
     for traced in ("native", "sidecar", "workers", "baseline"):
         row = by_variant[traced]
-        assert row.spans == row.requests, row  # every request Envoy saw has its span
+        assert row.spans == row.requests == row.expected_spans, row  # every request, a span
+    # at 1 %: exactly the requests whose x-request-id the policy samples have spans ...
+    for sampled in ("sidecar-1pct", "sidecar-1pct-prefilter"):
+        row = by_variant[sampled]
+        assert row.expected_spans is not None and row.spans == row.expected_spans, row
+        assert 0 < row.spans < row.requests * 0.05, row
+    # ... and with the prefilter Envoy asks about those only; without, about every request
+    prefiltered = by_variant["sidecar-1pct-prefilter"]
+    assert prefiltered.asked == prefiltered.expected_spans
+    assert by_variant["sidecar-1pct"].asked == by_variant["sidecar-1pct"].requests
+    native = by_variant["native-1pct"]
+    assert native.spans is not None and native.spans < native.requests * 0.05
     for sidecar in ("sidecar", "workers", "baseline"):
         row = by_variant[sidecar]
         assert row.failed_open == 0 and row.sidecar_us is not None and row.sidecar_us > 0
@@ -65,10 +76,13 @@ def test_every_bench_config_is_valid_and_differs_only_in_tracing(
     assert result.ok, result.output[-3000:]
     hcm = hcm_of(config)
     filters = [f["name"] for f in hcm["http_filters"]]
-    assert (EXT_PROC_FILTER in filters) == (variant in ("sidecar", "workers", "echo"))
+    asks = ("sidecar", "workers", "echo", "sidecar-1pct", "sidecar-1pct-prefilter")
+    assert (EXT_PROC_FILTER in filters) == (variant in asks)
     talks_to_sidecar = "'cluster_name': 'extproc_otel'" in str(hcm)
-    assert talks_to_sidecar == (variant in ("sidecar", "workers", "echo"))
-    assert ("tracing" in hcm) == (variant == "native")
+    assert talks_to_sidecar == (variant in asks)
+    assert ("tracing" in hcm) == (variant in ("native", "native-1pct"))
+    wrapped = "ExtensionWithMatcher" in str(hcm)
+    assert wrapped == (variant == "sidecar-1pct-prefilter")
     assert hcm["route_config"]["virtual_hosts"][0]["routes"][0]["match"] == {"prefix": "/bench"}
 
 
