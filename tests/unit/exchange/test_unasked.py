@@ -1,0 +1,202 @@
+"""Requests Envoy did not ask about: told apart by our metadata namespace, counted once."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.trace import INVALID_SPAN_CONTEXT, use_span
+
+from ext_proc._gen.envoy.config.core.v3 import base_pb2
+from ext_proc._gen.envoy.data.accesslog.v3 import accesslog_pb2 as log_pb
+from ext_proc._gen.envoy.service.accesslog.v3 import als_pb2 as pb
+from ext_proc._gen.envoy.service.ext_proc.v3 import external_processor_pb2 as ext_pb
+from ext_proc.config import PropagationSettings
+from ext_proc.config.sampling import TenantSettings
+from ext_proc.exchange.als import AccessLogService, FinalFacts
+from ext_proc.exchange.join import AccessLogJoin
+from ext_proc.exchange.outcome import exchange_outcome
+from ext_proc.exchange.session import StreamDeps, StreamSession
+from ext_proc.exchange.unasked import UnaskedRequests, error_type
+from ext_proc.policy.propagation import PropagatorCache, Rejections
+from ext_proc.policy.tenants import TenantResolver
+from ext_proc.request.seams import ExchangeRecord
+from ext_proc.telemetry.access_lines import AccessLog
+from ext_proc.telemetry.metrics.red import REQUEST_DURATION
+from tests.unit.telemetry.metrics.test_red import built, metric
+
+NS = "extproc_otel"
+
+
+def entry(request_id: str = "r1", *, asked: bool = False, status: int | None = 200,
+          method: int = base_pb2.GET, path: str = "/a?token=x", final: bool = True,
+          **extra: Any) -> log_pb.HTTPAccessLogEntry:
+    e = log_pb.HTTPAccessLogEntry()
+    e.request.request_id = request_id
+    e.request.request_method = method
+    e.request.path = path
+    if asked:  # what Envoy logs after our answer set dynamic metadata
+        e.common_properties.metadata.filter_metadata[NS].fields["trace_id"].string_value = "ab"
+    if not final:
+        e.common_properties.intermediate_log_entry = True
+    e.common_properties.time_to_last_downstream_tx_byte.FromNanoseconds(
+        extra.pop("duration_ns", 12_500_000))
+    if status is not None:
+        e.response.response_code.value = status
+        e.response.response_body_bytes = 42
+    for key, value in extra.items():
+        if key == "flags":
+            for flag in value:
+                setattr(e.common_properties.response_flags, flag, True)
+        elif key == "grpc_status":
+            e.response.response_trailers["grpc-status"] = value
+        elif key == "headers":
+            e.request.request_headers.update(value)
+        elif key == "original_path":
+            e.request.original_path = value
+    return e
+
+
+def message(*entries: log_pb.HTTPAccessLogEntry) -> pb.StreamAccessLogsMessage:
+    msg = pb.StreamAccessLogsMessage()
+    msg.http_logs.log_entry.extend(entries)
+    return msg
+
+
+class Collect:
+    def __init__(self) -> None:
+        self.records: list[ExchangeRecord] = []
+
+    def stream_started(self, method: str | None, route: str | None) -> None:
+        raise AssertionError("an un-asked request never started a stream")
+
+    def stream_finished(self, record: ExchangeRecord) -> None:
+        self.records.append(record)
+
+
+def test_an_entry_without_our_namespace_is_unasked_unless_an_exchange_waits() -> None:
+    facts: list[FinalFacts] = []
+    batches: list[list[log_pb.HTTPAccessLogEntry]] = []
+    service = AccessLogService(facts.append, on_unasked=batches.append, namespace=NS,
+                               awaited=lambda rid: rid == "parked")
+    service.handle(message(
+        entry("asked", asked=True), entry("u1"), entry("parked"), entry("u2"),
+        entry("partial", final=False), entry("", status=None)))
+    assert [f.request_id for f in facts] == ["asked", "parked"]  # joined as before
+    assert len(batches) == 1  # one call per ALS message
+    assert [e.request.request_id for e in batches[0]] == ["u1", "u2", ""]
+    assert (service.entries, service.unasked, service.ignored) == (2, 3, 1)
+
+
+def test_without_an_unasked_handler_nothing_changes() -> None:
+    facts: list[FinalFacts] = []
+    service = AccessLogService(facts.append)
+    service.handle(message(entry("u1"), entry("asked", asked=True)))
+    assert [f.request_id for f in facts] == ["u1", "asked"]
+    assert service.unasked == 0
+
+
+async def test_an_exchange_whose_answer_envoy_dropped_is_joined_not_counted_again() -> None:
+    """message_timeout: Envoy went on without our answer (no metadata), the exchange is
+    parked; its entry finishes it and is not counted as un-asked too."""
+    counted = Collect()
+    join = AccessLogJoin(10.0, 10.0, unasked=UnaskedRequests([counted]).handle, namespace=NS)
+    join.service.connected = True
+    finished: list[FinalFacts | None] = []
+    join.defer("late", finished.append, responded=True)
+    join.defer("lean", finished.append, responded=False)
+    join.service.handle(message(entry("late"), entry("other"), entry("lean")))
+    assert [f.request_id if f else None for f in finished] == ["late", "lean"]
+    assert [r.request_id for r in counted.records] == ["other"]
+    assert join.pending() == 0
+
+
+def test_record_of_an_unasked_entry() -> None:
+    tenants = TenantResolver(TenantSettings(header="x-tenant"))
+    unasked = UnaskedRequests([], path=lambda raw: raw.partition("?")[0] + "#redacted",
+                              tenant=lambda h: tenants.resolve(h, {}))
+    record = unasked.record(entry("r9", method=base_pb2.POST, status=201,
+                                  original_path="/orig?sig=1", path="/rewritten?sig=1",
+                                  headers={"x-tenant": "acme"}, duration_ns=12_500_000))
+    assert (record.method, record.route, record.status, record.error_type) \
+        == ("POST", None, 201, None)
+    assert record.duration_s == pytest.approx(0.0125)
+    assert record.path == "/orig#redacted"  # as the client sent it, through the redactor
+    assert (record.request_id, record.tenant, record.response_body_size) == ("r9", "acme", 42)
+    assert record.span_context is INVALID_SPAN_CONTEXT and record.started is False
+
+
+def test_record_without_redactor_tenant_or_response() -> None:
+    record = UnaskedRequests([]).record(entry("r1", status=None, path="/p?token=secret",
+                                              method=base_pb2.METHOD_UNSPECIFIED))
+    assert record.path == "/p"  # never the query
+    assert (record.method, record.status, record.error_type, record.tenant) \
+        == ("_OTHER", None, "client_aborted", None)
+
+
+@pytest.mark.parametrize(("status", "grpc", "flags"), [
+    (200, None, ()), (404, None, ()), (503, None, ()), (503, None, ("UF",)),
+    (504, None, ("UT",)), (200, None, ("UPE",)), (200, "14", ()), (200, "5", ()),
+    (502, "13", ("UR",)), (None, None, ()), (None, None, ("DC",)),
+])
+def test_error_type_agrees_with_the_exchange_outcome(
+        status: int | None, grpc: str | None, flags: tuple[str, ...]) -> None:
+    final = FinalFacts("r", status, flags, None, None, grpc_status=grpc)
+    expected = exchange_outcome(status, grpc, grpc is not None, None, {}, final, False)
+    assert error_type(status, grpc, flags) == expected.error_type
+
+
+def test_unasked_entries_are_counted_once_each_with_no_exemplar() -> None:
+    metrics, reader = built(tenant_attribute=True)
+    assert metrics.red is not None
+    lines = Collect()
+    unasked = UnaskedRequests([metrics.red, lines])
+    service = AccessLogService(lambda f: None, on_unasked=unasked.handle, namespace=NS)
+    # even inside a sampled span (the SDK falls back to the current context)
+    span = TracerProvider().get_tracer("t").start_span("ambient")
+    with use_span(span, end_on_exit=True):
+        service.handle(message(*(entry(f"r{i}") for i in range(3)),
+                               entry("asked", asked=True), entry("e", status=503)))
+    points = {(p.attributes or {}).get("http.response.status_code"): p
+              for p in metric(reader, REQUEST_DURATION).data.data_points}
+    assert points[200].count == 3 and points[503].count == 1  # not the asked one
+    assert dict(points[503].attributes or {})["error.type"] == "503"
+    assert dict(points[200].attributes or {})["http.route"] == "_OTHER"
+    assert not any(p.exemplars for p in points.values())
+    assert unasked.counted == 4 and len(lines.records) == 4
+
+
+def test_a_failing_observer_costs_neither_the_batch_nor_the_others() -> None:
+    class Broken(Collect):
+        def stream_finished(self, record: ExchangeRecord) -> None:
+            raise RuntimeError("boom")
+    good = Collect()
+    UnaskedRequests([Broken(), good]).handle([entry("a"), entry("b")])
+    assert [r.request_id for r in good.records] == ["a", "b"]
+
+
+def test_the_access_line_of_an_unasked_request_has_null_trace_ids() -> None:
+    record = UnaskedRequests([]).record(entry("r1"))
+    line = json.loads(AccessLog.line(record))
+    assert (line["trace_id"], line["span_id"], line["trace_flags"]) == (None, None, None)
+    assert (line["method"], line["path"], line["status"], line["request_id"]) \
+        == ("GET", "/a", 200, "r1")
+    fields = AccessLog.fields(record)
+    assert fields["trace_id"] is None and fields["duration_ms"] == 12.5
+
+
+async def test_a_span_started_on_response_headers_sets_our_metadata() -> None:
+    """Full config, a filter denied before ext_proc: the stream opens with the response.
+    The session counts it; its entry must carry our namespace or it is counted again."""
+    deps = StreamDeps(tracer=TracerProvider().get_tracer("t"),
+                      propagator=PropagatorCache(Rejections()).get(PropagationSettings()),
+                      attributes_namespace="envoy.filters.http.ext_proc",
+                      metadata_namespace=NS)
+    req = ext_pb.ProcessingRequest()
+    req.response_headers.headers.headers.add(key=":status", raw_value=b"403")
+    answer = StreamSession(deps).handle(req)
+    assert answer.WhichOneof("response") == "response_headers"
+    ids = answer.dynamic_metadata.fields[NS].struct_value.fields
+    assert len(ids["trace_id"].string_value) == 32 and len(ids["span_id"].string_value) == 16
