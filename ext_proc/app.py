@@ -22,7 +22,7 @@ from ext_proc.config import Settings
 from ext_proc.exchange.join import AccessLogJoin
 from ext_proc.exchange.servicer import ExternalProcessor
 from ext_proc.exchange.session import StreamDeps
-from ext_proc.exchange.unasked import UnaskedRequests
+from ext_proc.exchange.unasked import RouteTemplates, UnaskedRequests
 from ext_proc.policy.propagation import PropagatorCache, Rejections
 from ext_proc.policy.redaction import Redactor
 from ext_proc.policy.request_policy import RequestPolicy
@@ -147,8 +147,9 @@ def build_sidecar(settings: Settings, telemetry: Telemetry | None = None) -> Sid
     stream = settings.stream
     observers = (AccessLog(),) * settings.log.access_log + tuple(observability.observers)
     redactor, tenants = Redactor(settings.redaction), TenantResolver(settings.tenants)
+    routes = RouteTemplates()  # learnt from asked exchanges, for the un-asked ones
     join = AccessLogJoin(stream.join_timeout_s, stream.response_wait_s,
-                         unasked=unasked_requests(observers, redactor, tenants),
+                         unasked=unasked_requests(observers, redactor, tenants, routes),
                          namespace=stream.metadata_namespace) \
         if stream.join_access_log else None
     deps = StreamDeps(
@@ -163,7 +164,7 @@ def build_sidecar(settings: Settings, telemetry: Telemetry | None = None) -> Sid
         finalizer=join,
         # with several workers a request's access-log entry may reach another worker
         response_phase=settings.server.workers > 1,
-        observers=observers,
+        observers=(*observers, routes) if observers and join is not None else observers,
     )
     processor = ExternalProcessor(deps, RouteOptionsCache(settings.propagation),
                                   phase_timer=observability.phase_timer)
@@ -183,14 +184,15 @@ def build_sidecar(settings: Settings, telemetry: Telemetry | None = None) -> Sid
 
 
 def unasked_requests(observers: tuple[StreamObserver, ...], redactor: Redactor,
-                     tenants: TenantResolver,
+                     tenants: TenantResolver, routes: RouteTemplates,
                      ) -> Callable[[list[HTTPAccessLogEntry]], None] | None:
     """What counts the requests Envoy did not ask about (from its access log), if any
     observer wants them: url.path redacted as on spans, the tenant from logged headers."""
     if not observers:
         return None
     return UnaskedRequests(observers, path=lambda raw: redactor.path_and_query(raw)[0],
-                           tenant=lambda headers: tenants.resolve(headers, {})).handle
+                           tenant=lambda headers: tenants.resolve(headers, {}),
+                           routes=routes).handle
 
 
 def build_server(settings: Settings) -> grpc.aio.Server | h2grpc.Server:

@@ -79,6 +79,7 @@ class FinalFacts:
     upstream_attempts: int | None = None
     upstream_address: str | None = None  # host:port Envoy sent the request to
     upstream_failure: str | None = None  # upstream transport failure reason
+    route_name: str | None = None  # Envoy's route name (xds.route_name)
 
 
 def response_flag_codes(flags: log_pb.ResponseFlags) -> tuple[str, ...]:
@@ -126,6 +127,7 @@ def final_facts(entry: log_pb.HTTPAccessLogEntry) -> FinalFacts | None:
         upstream_attempts=common.upstream_request_attempt_count or None,
         upstream_address=_socket_address(common),
         upstream_failure=common.upstream_transport_failure_reason or None,
+        route_name=common.route_name or None,
     )
 
 

@@ -269,7 +269,7 @@ class StreamSession:
             tenant=self._tenant,
             started=self._started,
             response_body_size=final.body_bytes_sent if final is not None else None,
-        )
+            route_name=final.route_name if final is not None else None)
         for observer in self._deps.observers:
             try:
                 observer.stream_finished(record)

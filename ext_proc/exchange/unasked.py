@@ -53,6 +53,31 @@ def error_type(status: int | None, grpc_status: str | None,
     return None
 
 
+class RouteTemplates:
+    """Envoy route name -> http.route template, learnt from asked exchanges (an observer).
+
+    The template arrives with the ext_proc stream (route metadata), which an un-asked
+    request never opens; its access-log entry still names Envoy's route, so the metrics
+    of the unasked requests of a route group with its asked ones, not under _OTHER."""
+
+    MAX_ROUTES: Final = 1024
+
+    def __init__(self) -> None:
+        self._templates: dict[str, str] = {}
+
+    def get(self, route_name: str) -> str | None:
+        return self._templates.get(route_name) if route_name else None
+
+    def stream_started(self, method: str | None, route: str | None) -> None:
+        return
+
+    def stream_finished(self, record: ExchangeRecord) -> None:
+        name, route = record.route_name, record.route
+        if name and route and self._templates.get(name) != route \
+                and (name in self._templates or len(self._templates) < self.MAX_ROUTES):
+            self._templates[name] = route
+
+
 class UnaskedRequests:
     """Hands `ExchangeRecord`s of un-asked requests to the observers, a batch at a time.
 
@@ -61,8 +86,10 @@ class UnaskedRequests:
     (``additional_request_headers_to_log``), when there are any."""
 
     def __init__(self, observers: Iterable[StreamObserver], *,
-                 path: PathRedactor | None = None, tenant: TenantOf | None = None) -> None:
+                 path: PathRedactor | None = None, tenant: TenantOf | None = None,
+                 routes: RouteTemplates | None = None) -> None:
         self._observers = tuple(observers)
+        self._routes = routes
         self._path = path
         self._tenant = tenant
         self.counted = 0  # requests handed to the observers
@@ -96,7 +123,9 @@ class UnaskedRequests:
             tenant = self._tenant({k: [v] for k, v in request.request_headers.items()})
         return ExchangeRecord(
             method=METHODS[number] if 0 <= number < len(METHODS) else sc.OTHER_METHOD,
-            route=None,  # the template comes with the ext_proc stream: not asked, unknown
+            # the template comes with the ext_proc stream: learnt from the route's asked ones
+            route=self._routes.get(common.route_name) if self._routes is not None else None,
+            route_name=common.route_name or None,
             status=status,
             error_type=error_type(status, grpc_status, flags),
             duration_s=duration_s,

@@ -48,6 +48,7 @@ class ExchangeRecord:
     path: str | None = None  # url.path, never the query
     request_id: str | None = None
     response_body_size: int | None = None  # bytes sent downstream (from Envoy's access log)
+    route_name: str | None = None  # Envoy's route name (from its access log), when known
 
 
 class StreamObserver(Protocol):

@@ -25,6 +25,7 @@ pytestmark = pytest.mark.e2e
 
 SKIPPED, ASKED, QUIET = 7, 5, 3  # requests per kind
 SKIPPED_STATUS, ASKED_STATUS, QUIET_STATUS = 418, 419, 420
+LEARNT, LEARNT_STATUS = 4, 423  # un-asked requests of a route whose asked ones taught us
 SKIPPED_TOTAL = SKIPPED + 2 + 2  # plus two that fail with 503, two POSTs (405)
 
 
@@ -33,6 +34,12 @@ def _add_routes(config: Config) -> None:
     routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
     routes.insert(0, {  # Envoy never asks the sidecar about these
         "name": "skipped", "match": {"prefix": "/skipped/"},
+        "route": {"cluster": "users", "prefix_rewrite": "/status/"},
+        "typed_per_filter_config": {"envoy.filters.http.ext_proc": {
+            "@type": PER_ROUTE, "disabled": True}},
+    })
+    routes.insert(0, {  # Envoy's route "status" again, never asked: as with the prefilter
+        "name": "status", "match": {"prefix": "/status-unasked/"},
         "route": {"cluster": "users", "prefix_rewrite": "/status/"},
         "typed_per_filter_config": {"envoy.filters.http.ext_proc": {
             "@type": PER_ROUTE, "disabled": True}},
@@ -107,16 +114,22 @@ def traffic(stack: Stack, admin_port: int) -> str:
     for _ in range(QUIET):
         assert http_request(stack.base_url, f"/quiet/{QUIET_STATUS}?tag={t}").status \
             == QUIET_STATUS
+    # the asked ones of route "status" have taught the sidecar its template
+    wait_until(lambda: _count(admin_port, ASKED_STATUS) >= ASKED, 15, "the asked requests")
+    for _ in range(LEARNT):
+        assert http_request(stack.base_url, f"/status-unasked/{LEARNT_STATUS}").status \
+            == LEARNT_STATUS
     # Envoy asked about the asked ones only
     asked = stack.envoy_stat("http.ingress.ext_proc.streams_started") - asked_before
     assert asked == ASKED + QUIET
     wait_until(lambda: _count(admin_port, SKIPPED_STATUS) >= SKIPPED
                and _count(admin_port, 503) >= 2 and _count(admin_port, 405) >= 2
                and _count(admin_port, ASKED_STATUS) >= ASKED
-               and _count(admin_port, QUIET_STATUS) >= QUIET, 15,
+               and _count(admin_port, QUIET_STATUS) >= QUIET
+               and _count(admin_port, LEARNT_STATUS) >= LEARNT, 15,
                "every request to be counted")
     # Envoy has sent its log of every request: whatever the sidecar counts twice is there
-    total = SKIPPED_TOTAL + ASKED + QUIET
+    total = SKIPPED_TOTAL + ASKED + QUIET + LEARNT
     wait_until(lambda: len(_access(stack, f"/skipped/{SKIPPED_STATUS}")) >= SKIPPED + 2
                and len(_access(stack, f"/status/{ASKED_STATUS}")) >= ASKED
                and len(_access(stack, f"/quiet/{QUIET_STATUS}")) >= QUIET
@@ -142,6 +155,12 @@ def test_unasked_requests_counted_once_by_method_status_tenant(
                 if labels.get("http_response_status_code") == str(status)]
     assert series_of(503) == [("GET", "503", 2)]
     assert series_of(405) == [("POST", None, 2)]
+
+
+def test_unasked_requests_of_a_known_route_get_its_template(stack: Stack, admin_port: int,
+                                                           traffic: str) -> None:
+    assert _count(admin_port, LEARNT_STATUS, http_route="/status/{code}") == LEARNT
+    assert _count(admin_port, LEARNT_STATUS) == LEARNT
 
 
 def test_asked_requests_still_counted_once(stack: Stack, admin_port: int,

@@ -188,5 +188,6 @@ async def test_stream_over_grpc_with_envoys_full_messages() -> None:
     assert got[0] == FinalFacts("first", 200, ("UR",),
                                 "upstream_reset_after_response_started{remote_reset}", 3,
                                 upstream_address="10.0.0.7:8080",
-                                upstream_failure="delayed connect error: 111")
+                                upstream_failure="delayed connect error: 111",
+                                route_name="echo")
     assert (service.streams, service.entries, service.ignored) == (0, 2, 1)

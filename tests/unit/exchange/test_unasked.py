@@ -15,11 +15,11 @@ from ext_proc._gen.envoy.service.accesslog.v3 import als_pb2 as pb
 from ext_proc._gen.envoy.service.ext_proc.v3 import external_processor_pb2 as ext_pb
 from ext_proc.config import PropagationSettings
 from ext_proc.config.sampling import TenantSettings
-from ext_proc.exchange.als import AccessLogService, FinalFacts
+from ext_proc.exchange.als import AccessLogService, FinalFacts, final_facts
 from ext_proc.exchange.join import AccessLogJoin
 from ext_proc.exchange.outcome import exchange_outcome
 from ext_proc.exchange.session import StreamDeps, StreamSession
-from ext_proc.exchange.unasked import UnaskedRequests, error_type
+from ext_proc.exchange.unasked import RouteTemplates, UnaskedRequests, error_type
 from ext_proc.policy.propagation import PropagatorCache, Rejections
 from ext_proc.policy.tenants import TenantResolver
 from ext_proc.request.seams import ExchangeRecord
@@ -200,3 +200,40 @@ async def test_a_span_started_on_response_headers_sets_our_metadata() -> None:
     assert answer.WhichOneof("response") == "response_headers"
     ids = answer.dynamic_metadata.fields[NS].struct_value.fields
     assert len(ids["trace_id"].string_value) == 32 and len(ids["span_id"].string_value) == 16
+
+
+def test_an_unasked_request_gets_the_route_template_its_asked_ones_taught() -> None:
+    routes = RouteTemplates()
+    unasked = UnaskedRequests([], routes=routes)
+    named = entry("u1")
+    named.common_properties.route_name = "users_by_id"
+    assert unasked.record(named).route is None  # nothing learnt yet: _OTHER
+    routes.stream_finished(ExchangeRecord(
+        method="GET", route="/api/users/{id}", status=200, error_type=None, duration_s=0.01,
+        span_context=INVALID_SPAN_CONTEXT, route_name="users_by_id"))
+    record = unasked.record(named)
+    assert record.route == "/api/users/{id}" and record.route_name == "users_by_id"
+    other = entry("u2")
+    other.common_properties.route_name = "health"
+    assert unasked.record(other).route is None
+
+
+def test_route_templates_are_bounded() -> None:
+    routes = RouteTemplates()
+    for i in range(RouteTemplates.MAX_ROUTES + 10):
+        routes.stream_finished(ExchangeRecord(
+            method="GET", route=f"/r{i}", status=200, error_type=None, duration_s=0.0,
+            span_context=INVALID_SPAN_CONTEXT, route_name=f"route{i}"))
+    assert routes.get("route0") == "/r0"
+    assert routes.get(f"route{RouteTemplates.MAX_ROUTES}") is None
+    routes.stream_finished(ExchangeRecord(
+        method="GET", route="/moved", status=200, error_type=None, duration_s=0.0,
+        span_context=INVALID_SPAN_CONTEXT, route_name="route0"))
+    assert routes.get("route0") == "/moved"  # a known route may change its template
+
+
+def test_final_facts_name_envoys_route() -> None:
+    named = entry("r9")
+    named.common_properties.route_name = "users_by_id"
+    facts = final_facts(named)
+    assert facts is not None and facts.route_name == "users_by_id"
