@@ -95,23 +95,26 @@ def _is_final(common: log_pb.AccessLogCommon) -> bool:
     return common.access_log_type in AccessLogService.FINAL_TYPES
 
 
+def response_of(entry: log_pb.HTTPAccessLogEntry
+                ) -> tuple[int | None, int | None, str | None, str | None]:
+    """(status, body bytes sent, code details, grpc-status) of an entry; all None when
+    no response was sent downstream."""
+    if not entry.HasField("response"):
+        return None, None, None, None
+    response = entry.response
+    code = response.response_code.value if response.HasField("response_code") else 0
+    grpc_status = (response.response_trailers.get(GRPC_STATUS)
+                   or response.response_headers.get(GRPC_STATUS) or None)
+    return (code or None, response.response_body_bytes,
+            response.response_code_details or None, grpc_status)
+
+
 def final_facts(entry: log_pb.HTTPAccessLogEntry) -> FinalFacts | None:
     """The facts of one final HTTP entry; None for entries we cannot join or use."""
     request_id = entry.request.request_id
     if not request_id or not _is_final(entry.common_properties):
         return None
-    code: int | None = None
-    body: int | None = None
-    details: str | None = None
-    grpc_status: str | None = None
-    if entry.HasField("response"):
-        response = entry.response
-        if response.HasField("response_code") and response.response_code.value:
-            code = response.response_code.value
-        body = response.response_body_bytes
-        details = response.response_code_details or None
-        grpc_status = (response.response_trailers.get(GRPC_STATUS)
-                       or response.response_headers.get(GRPC_STATUS) or None)
+    code, body, details, grpc_status = response_of(entry)
     common = entry.common_properties
     elapsed = (common.time_to_last_downstream_tx_byte
                if common.HasField("time_to_last_downstream_tx_byte") else

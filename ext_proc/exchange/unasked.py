@@ -22,7 +22,7 @@ from loguru import logger
 from opentelemetry.trace import INVALID_SPAN_CONTEXT
 
 from ext_proc._gen.envoy.data.accesslog.v3 import accesslog_pb2 as log_pb
-from ext_proc.exchange.als import GRPC_STATUS, response_flag_codes
+from ext_proc.exchange.als import response_flag_codes, response_of
 from ext_proc.exchange.outcome import GRPC_CODE_NAMES, GRPC_SERVER_ERRORS, RESET_FLAGS, grpc_code
 from ext_proc.request.envoy_attrs import FLAG_ERROR_TYPES
 from ext_proc.request.seams import ExchangeRecord, StreamObserver
@@ -97,16 +97,7 @@ class UnaskedRequests:
     def record(self, entry: log_pb.HTTPAccessLogEntry) -> ExchangeRecord:
         """The record of one final entry (the caller checked it is final and un-asked)."""
         request, common = entry.request, entry.common_properties
-        status: int | None = None
-        grpc_status: str | None = None
-        body: int | None = None
-        if entry.HasField("response"):
-            response = entry.response
-            if response.HasField("response_code") and response.response_code.value:
-                status = response.response_code.value
-            body = response.response_body_bytes
-            grpc_status = (response.response_trailers.get(GRPC_STATUS)
-                           or response.response_headers.get(GRPC_STATUS) or None)
+        status, body, _, grpc_status = response_of(entry)
         if common.HasField("time_to_last_downstream_tx_byte"):
             elapsed = common.time_to_last_downstream_tx_byte
             duration_s = elapsed.seconds + elapsed.nanos / 1e9

@@ -29,6 +29,21 @@ def admin_port() -> int:
     return free_port()
 
 
+def bootstrap_on_free_ports(config: Config, upstream: int) -> tuple[Config, int, int]:
+    """A bootstrap `envoy-config` printed, with its listener (on loopback) and admin moved
+    to free ports and its ``app`` cluster pointed at `upstream`: (config, listener, admin)."""
+    listener, admin = free_port(), free_port()
+    config["admin"]["address"]["socket_address"]["port_value"] = admin
+    (ingress,) = config["static_resources"]["listeners"]
+    ingress["address"]["socket_address"].update(address="127.0.0.1", port_value=listener)
+    for cluster in config["static_resources"]["clusters"]:
+        if cluster["name"] == "app":
+            for group in cluster["load_assignment"]["endpoints"]:
+                for lb in group["lb_endpoints"]:
+                    lb["endpoint"]["address"]["socket_address"]["port_value"] = upstream
+    return config, listener, admin
+
+
 PER_ROUTE = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute"
 
 

@@ -41,6 +41,7 @@ from ext_proc.dev.devstack import (
 )
 from ext_proc.envoy_config.embed import envoy_configs, envoy_validate, is_bootstrap
 from tests.dockerfile import build_context, run_commands, stages
+from tests.e2e.conftest import bootstrap_on_free_ports
 
 pytestmark = pytest.mark.e2e
 
@@ -181,16 +182,7 @@ def _bootstrap_on_free_ports(text: str, upstream: int) -> tuple[dict[str, Any], 
     """The printed bootstrap with its listener, admin and app ports moved to free ones."""
     config: dict[str, Any] = yaml.safe_load(text)
     assert is_bootstrap(config)
-    listener, admin = free_port(), free_port()
-    config["admin"]["address"]["socket_address"]["port_value"] = admin
-    (ingress,) = config["static_resources"]["listeners"]
-    ingress["address"]["socket_address"].update(address="127.0.0.1", port_value=listener)
-    for cluster in config["static_resources"]["clusters"]:
-        if cluster["name"] == "app":
-            for group in cluster["load_assignment"]["endpoints"]:
-                for lb in group["lb_endpoints"]:
-                    lb["endpoint"]["address"]["socket_address"]["port_value"] = upstream
-    return config, listener, admin
+    return bootstrap_on_free_ports(config, upstream)
 
 
 @pytest.fixture

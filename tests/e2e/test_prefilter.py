@@ -37,6 +37,7 @@ from ext_proc.dev.devstack import (
 )
 from ext_proc.envoy_config import EXT_PROC_FILTER, PREFILTER_METADATA
 from ext_proc.envoy_config.prefilter import MATCH_DELEGATE_TYPE
+from tests.e2e.conftest import bootstrap_on_free_ports
 
 pytestmark = pytest.mark.e2e
 
@@ -71,7 +72,8 @@ class PrefilterStack:
             "--sidecar-address", f"127.0.0.1:{self.sidecar_port}"])
         assert result.exit_code == 0, result.output
         self.printed = result.output
-        bootstrap, self.listener, self.admin = _on_free_ports(yaml.safe_load(result.output), users)
+        bootstrap, self.listener, self.admin = bootstrap_on_free_ports(
+            yaml.safe_load(result.output), users)
         (workdir / "envoy.yaml").write_text(yaml.safe_dump(bootstrap, sort_keys=False))
         env = {"OTEL_TRACES_EXPORTER": "none", "OTEL_METRICS_EXPORTER": "none",
                "OTEL_LOGS_EXPORTER": "none"}
@@ -140,19 +142,6 @@ class PrefilterStack:
         finally:
             conn.close()
         return {k.lower(): v for k, v in received.items()}
-
-
-def _on_free_ports(config: dict[str, Any], upstream: int) -> tuple[dict[str, Any], int, int]:
-    listener, admin = free_port(), free_port()
-    config["admin"]["address"]["socket_address"]["port_value"] = admin
-    (ingress,) = config["static_resources"]["listeners"]
-    ingress["address"]["socket_address"].update(address="127.0.0.1", port_value=listener)
-    for cluster in config["static_resources"]["clusters"]:
-        if cluster["name"] == "app":
-            for group in cluster["load_assignment"]["endpoints"]:
-                for lb in group["lb_endpoints"]:
-                    lb["endpoint"]["address"]["socket_address"]["port_value"] = upstream
-    return config, listener, admin
 
 
 def send(port: int, n: int, path: str, headers: Mapping[str, str], *,
