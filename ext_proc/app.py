@@ -22,7 +22,7 @@ from ext_proc.config import Settings
 from ext_proc.exchange.join import AccessLogJoin
 from ext_proc.exchange.servicer import ExternalProcessor
 from ext_proc.exchange.session import StreamDeps
-from ext_proc.exchange.unasked import RouteTemplates, UnaskedRequests
+from ext_proc.exchange.unasked import RouteTemplates, UnaskedRequests, cached_paths
 from ext_proc.policy.propagation import PropagatorCache, Rejections
 from ext_proc.policy.redaction import Redactor
 from ext_proc.policy.request_policy import RequestPolicy
@@ -190,7 +190,8 @@ def unasked_requests(observers: tuple[StreamObserver, ...], redactor: Redactor,
     observer wants them: url.path redacted as on spans, the tenant from logged headers."""
     if not observers:
         return None
-    return UnaskedRequests(observers, path=lambda raw: redactor.path_and_query(raw)[0],
+    return UnaskedRequests(observers,
+                           path=cached_paths(lambda raw: redactor.path_and_query(raw)[0]),
                            tenant=lambda headers: tenants.resolve(headers, {}),
                            routes=routes).handle
 

@@ -53,6 +53,25 @@ def error_type(status: int | None, grpc_status: str | None,
     return None
 
 
+def cached_paths(redact: PathRedactor, size: int = 4096, longest: int = 1024) -> PathRedactor:
+    """`redact` (raw ``:path`` -> redacted url.path) remembered by the part before ``?``:
+    a route's un-asked requests repeat their paths, and the query (which may carry
+    tokens) is never a key. Long paths are redacted each time (they may be cut)."""
+    seen: dict[str, str] = {}
+
+    def path(raw: str) -> str:
+        key = raw.partition("?")[0]
+        if len(key) > longest:
+            return redact(raw)
+        found = seen.get(key)
+        if found is None:
+            if len(seen) >= size:
+                seen.clear()
+            found = seen[key] = redact(key)
+        return found
+    return path
+
+
 class RouteTemplates:
     """Envoy route name -> http.route template, learnt from asked exchanges (an observer).
 

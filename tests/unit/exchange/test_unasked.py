@@ -19,7 +19,7 @@ from ext_proc.exchange.als import AccessLogService, FinalFacts, final_facts
 from ext_proc.exchange.join import AccessLogJoin
 from ext_proc.exchange.outcome import exchange_outcome
 from ext_proc.exchange.session import StreamDeps, StreamSession
-from ext_proc.exchange.unasked import RouteTemplates, UnaskedRequests, error_type
+from ext_proc.exchange.unasked import RouteTemplates, UnaskedRequests, cached_paths, error_type
 from ext_proc.policy.propagation import PropagatorCache, Rejections
 from ext_proc.policy.tenants import TenantResolver
 from ext_proc.request.seams import ExchangeRecord
@@ -237,3 +237,24 @@ def test_final_facts_name_envoys_route() -> None:
     named.common_properties.route_name = "users_by_id"
     facts = final_facts(named)
     assert facts is not None and facts.route_name == "users_by_id"
+
+
+def test_cached_paths_redact_as_the_redactor_does_and_never_key_on_the_query() -> None:
+    from ext_proc.config import RedactionSettings
+    from ext_proc.policy.redaction import Redactor
+
+    redactor = Redactor(RedactionSettings())
+    calls: list[str] = []
+
+    def redact(raw: str) -> str:
+        calls.append(raw)
+        return redactor.path_and_query(raw)[0]
+    cached = cached_paths(redact, size=2)
+    jwt = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.c2ln"
+    for raw in ("/a;jsessionid=s3cret?token=t1", "/a;jsessionid=s3cret?token=t2",
+                f"/t/{jwt}#frag?x=1", "http://u:p@h/x?q=1", "/b", "/c"):
+        assert cached(raw) == redactor.path_and_query(raw)[0]
+    assert all("?" not in call and "token" not in call for call in calls)
+    assert calls.count("/a;jsessionid=s3cret") == 1  # the second one was remembered
+    long = "/" + "x" * 2000 + "?token=t"
+    assert cached(long) == redactor.path_and_query(long)[0]
