@@ -13,7 +13,6 @@ long-lived stream per Envoy worker.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
@@ -231,9 +230,6 @@ class AccessLogService(pb_grpc.AccessLogServiceServicer):
                     log_name = message.identifier.log_name
                     logger.debug("access log stream opened", log_name=log_name)
                 self.handle(message)
-                # Recording after answering: queued log messages must not hold back the
-                # ext_proc reads (and their answers) waiting on the loop
-                await asyncio.sleep(0)
         finally:
             self.streams -= 1
             logger.debug("access log stream closed", log_name=log_name)

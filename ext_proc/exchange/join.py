@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from typing import Final
 
 from ext_proc._gen.envoy.data.accesslog.v3 import accesslog_pb2 as log_pb
 from ext_proc.exchange.als import AccessLogService, FinalFacts
@@ -46,8 +47,22 @@ class AccessLogJoin:
         self._probe_s = probe_s
         self._probe_until: float | None = None
         self._settled: asyncio.Event | None = None  # for `settled`
+        # request ids of exchanges still open (their entry may come first: overload,
+        # message_timeout, observability mode); an ordered set, oldest first
+        self._open: dict[str, None] = {}
+
+    MAX_OPEN: Final = 65_536  # open exchanges remembered (a stream that never closes
+    # cleanly must not grow the set: the oldest is forgotten)
+
+    def opened(self, request_id: str | None) -> None:
+        """An exchange for `request_id` is open: its entry is not an un-asked request's."""
+        if request_id:
+            self._open[request_id] = None
+            if len(self._open) > self.MAX_OPEN:
+                del self._open[next(iter(self._open))]
 
     def defer(self, request_id: str, finish: Finish, *, responded: bool = True) -> None:
+        self._open.pop(request_id, None)
         if not self.service.connected:
             now = self._now()
             if self._probe_until is None:
@@ -84,8 +99,9 @@ class AccessLogJoin:
             self._finished()
 
     def awaited(self, request_id: str) -> bool:
-        """Whether a closed exchange waits for this request's entry."""
-        return self.awaiting.is_parked(request_id) or self.finalizer.is_parked(request_id)
+        """Whether an exchange, open or closed, waits for this request's entry."""
+        return (request_id in self._open or self.awaiting.is_parked(request_id)
+                or self.finalizer.is_parked(request_id))
 
     def deliver(self, facts: FinalFacts) -> None:
         if self.awaiting.is_parked(facts.request_id):

@@ -33,8 +33,7 @@ class StreamSession:
 
     __slots__ = ("_carrier", "_client", "_closed", "_deps", "_expects_response", "_facts",
                  "_grpc_status", "_options", "_path", "_pending", "_propagator", "_response_attrs",
-                 "_start_ns", "_started", "_status", "_tenant", "abandoned", "cancelled",
-                 "span")
+                 "_start_ns", "_started", "_status", "_tenant", "abandoned", "cancelled", "span")
 
     def __init__(self, deps: StreamDeps, options: RouteOptions = DEFAULT) -> None:
         self._deps = deps
@@ -174,6 +173,8 @@ class StreamSession:
         carrier, self._carrier = self._carrier or {}, None
         if not self._started:
             self._started = True
+            if self._deps.finalizer is not None:  # its entry is ours, even without metadata
+                self._deps.finalizer.opened(facts.request_id)
             for observer in self._deps.observers:
                 observer.stream_started(facts.method, facts.route)
         if not span.is_recording():

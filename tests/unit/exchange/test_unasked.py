@@ -113,6 +113,34 @@ async def test_an_exchange_whose_answer_envoy_dropped_is_joined_not_counted_agai
     assert join.pending() == 0
 
 
+async def test_an_entry_before_its_open_exchange_closes_is_joined_not_counted() -> None:
+    """Overload or message_timeout: the entry (no metadata: Envoy dropped our answer)
+    arrives while the exchange is still open; it is kept for the exchange, which finishes
+    with it once it closes, and is never counted as un-asked."""
+    counted = Collect()
+    join = AccessLogJoin(10.0, 10.0, unasked=UnaskedRequests([counted]).handle, namespace=NS)
+    join.service.connected = True
+    join.opened("busy")
+    join.opened("lean")
+    join.service.handle(message(entry("busy"), entry("lean"), entry("other")))
+    assert [r.request_id for r in counted.records] == ["other"]
+    finished: list[FinalFacts | None] = []
+    join.defer("busy", finished.append, responded=True)
+    join.defer("lean", finished.append, responded=False)
+    assert [f.request_id if f else None for f in finished] == ["busy", "lean"]
+    assert join.pending() == 0 and not join.awaited("busy")
+
+
+def test_open_exchanges_remembered_are_bounded() -> None:
+    join = AccessLogJoin(10.0, 10.0)
+    for i in range(AccessLogJoin.MAX_OPEN + 5):
+        join.opened(f"r{i}")
+    assert not join.awaited("r0") and join.awaited(f"r{AccessLogJoin.MAX_OPEN + 4}")
+    join.opened(None)
+    join.opened("")
+    assert not join.awaited("")
+
+
 def test_record_of_an_unasked_entry() -> None:
     tenants = TenantResolver(TenantSettings(header="x-tenant"))
     unasked = UnaskedRequests([], path=lambda raw: raw.partition("?")[0] + "#redacted",
