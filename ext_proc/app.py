@@ -19,6 +19,7 @@ from ext_proc import h2grpc
 from ext_proc._gen.envoy.data.accesslog.v3.accesslog_pb2 import HTTPAccessLogEntry
 from ext_proc._gen.envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from ext_proc.config import Settings
+from ext_proc.config.sampling import SamplingSettings
 from ext_proc.exchange.join import AccessLogJoin
 from ext_proc.exchange.servicer import ExternalProcessor
 from ext_proc.exchange.session import StreamDeps
@@ -128,11 +129,15 @@ def build_sampling_policy(settings: Settings) -> tuple[SamplingPolicy, str | Non
     """The sampling policy with the rules file applied, and that file's digest.
     Raises RulesFileError when the file is bad."""
     base = settings.sampling
-    tenants, extract = settings.tenants, settings.propagation.extract  # the prefilter's shape
+
+    def build(sampling: SamplingSettings) -> SamplingPolicy:  # the prefilter's shape too
+        return build_sampling(sampling, tenants=settings.tenants,
+                              extract=settings.propagation.extract,
+                              counted=settings.stream.join_access_log)
     if base.rules_file is None:
-        return build_sampling(base, tenants=tenants, extract=extract), None
+        return build(base), None
     loaded = load_rules(base.rules_file, base)
-    return build_sampling(loaded.settings, tenants=tenants, extract=extract), loaded.digest
+    return build(loaded.settings), loaded.digest
 
 
 def build_sidecar(settings: Settings, telemetry: Telemetry | None = None) -> Sidecar:

@@ -41,12 +41,15 @@ PREFILTER_METADATA: Final = "x-extproc-otel-prefilter"  # gRPC initial metadata:
 _HEADER_INPUT: Final = "envoy.matching.inputs.request_headers"
 _SKIP_ACTION: Final = "skip"
 _HEX: Final = "0123456789abcdef"
+# A traceparent with an all-zero trace or span id: invalid, so a root to the sidecar
+INVALID_IDS: Final = "00-0{32}-.*|00-[0-9a-f]{32}-0{16}-.*"
 
 
 def plan_for(settings: Settings) -> PrefilterPlan:
     """The plan these settings compile to (OTEL_TRACES_SAMPLER[_ARG] from this process)."""
     return compile_prefilter(settings.sampling, settings.tenants,
-                             settings.propagation.extract, os.environ)
+                             settings.propagation.extract, os.environ,
+                             counted=settings.stream.join_access_log)
 
 
 def _digit_class(low: int, high: int) -> str:
@@ -93,8 +96,13 @@ def skip_predicates(plan: PrefilterPlan) -> list[Any]:
     if plan.skip_unsampled_parent:
         others = [h for h in plan.context_headers if h != TRACEPARENT]
         found.append(_all([_regex(TRACEPARENT, UNSAMPLED_TRACEPARENT),
+                           _not(_regex(TRACEPARENT, INVALID_IDS)),  # the sidecar: a root
                            *[_absent(h) for h in others]]))
     no_context = [_absent(h) for h in plan.context_headers]
+    # A tested header sent twice reaches the matcher joined with ",", while the sidecar
+    # matches any one value: such roots are always asked.
+    tested = sorted({e.when.header for e in plan.roots if e.when.header is not None})
+    no_context += [_not(_regex(h, ".*,.*")) for h in tested]
     earlier: list[Condition] = []
     for entry in plan.roots:
         regex = bucket_regex(entry.threshold)

@@ -93,7 +93,7 @@ class StreamSession:
         if deps.policy is not None:
             self._tenant = tenant = deps.policy.tenant(carrier, self._options)
             parent = deps.policy.sampling_context(
-                parent, carrier, path=facts.path, method=facts.method, tenant=tenant,
+                parent, carrier, path=facts.path, method=facts.method_original, tenant=tenant,
                 route_name=attrs.string(sc.EnvoyAttr.ROUTE_NAME), options=self._options)
         span = self.span = deps.tracer.start_span(
             facts.span_name, context=parent, kind=SpanKind.SERVER,

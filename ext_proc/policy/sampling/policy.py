@@ -36,9 +36,10 @@ class _Snapshot:
     """Everything `directive` needs, built once per settings version."""
 
     def __init__(self, settings: SamplingSettings, clock: Clock, env: Mapping[str, str],
-                 tenants: TenantSettings, extract: tuple[str, ...]) -> None:
+                 tenants: TenantSettings, extract: tuple[str, ...], counted: bool) -> None:
         self.settings = settings
-        self.prefilter: PrefilterPlan = compile_prefilter(settings, tenants, extract, env)
+        self.prefilter: PrefilterPlan = compile_prefilter(settings, tenants, extract, env,
+                                                          counted=counted)
         env_sampler = None if settings.rules else sampler_from_env(env)
         self.ratio_source = "settings"
         if settings.ratio is not None:
@@ -120,8 +121,10 @@ class SamplingPolicy:
         environ: Mapping[str, str] | None = None,
         tenants: TenantSettings | None = None,
         extract: tuple[str, ...] = (),
+        counted: bool = True,
     ) -> None:
         self._clock = clock
+        self._counted = counted
         self._environ: Mapping[str, str] = dict(os.environ if environ is None else environ)
         self._tenants = tenants or TenantSettings.model_validate({})
         self._extract = extract
@@ -131,7 +134,8 @@ class SamplingPolicy:
         self.prefilter_watch = PrefilterWatch(lambda: self._snapshot.prefilter)
 
     def _compile(self, settings: SamplingSettings) -> _Snapshot:
-        return _Snapshot(settings, self._clock, self._environ, self._tenants, self._extract)
+        return _Snapshot(settings, self._clock, self._environ, self._tenants, self._extract,
+                         self._counted)
 
     @property
     def prefilter(self) -> PrefilterPlan:
@@ -169,8 +173,10 @@ def build_sampling(
     environ: Mapping[str, str] | None = None,
     tenants: TenantSettings | None = None,
     extract: tuple[str, ...] = (),
+    counted: bool = True,
 ) -> SamplingPolicy:
     """Build the policy; `environ` defaults to a copy of ``os.environ`` taken now.
-    `tenants` and `extract` (propagation.extract) shape the prefilter plan."""
+    `tenants`, `extract` (propagation.extract) and `counted` (stream.join_access_log)
+    shape the prefilter plan."""
     return SamplingPolicy(settings, clock=clock, environ=environ, tenants=tenants,
-                          extract=extract)
+                          extract=extract, counted=counted)

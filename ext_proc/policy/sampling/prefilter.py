@@ -49,6 +49,7 @@ CONTEXT_HEADERS: Final[Mapping[str, tuple[str, ...]]] = {
 # One W3C traceparent (version 00) whose sampled flag (bit 0 of the flags) is clear.
 UNSAMPLED_TRACEPARENT: Final = r"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f][02468ace]"
 _HEX3: Final = re.compile(r"[0-9a-fA-F]{3}")
+_TENANT_ID: Final = re.compile(r"[A-Za-z0-9._-]+")  # as TenantResolver.ID_PATTERN
 # Regex syntax Python has and RE2 (Envoy) lacks: such a header rule is not expressible.
 _NOT_RE2: Final = re.compile(r"\(\?[=!<]|\\[1-9]|\(\?P=")
 
@@ -101,8 +102,11 @@ class PrefilterPlan:
     asks: tuple[str, ...] = field(default=())  # what it could not express (errs to asking)
 
     def digest(self) -> str:
-        """A short hash of what Envoy is told: equal plans, equal digests."""
-        text = json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+        """A short hash of what Envoy is told (not the labels or the explanations): equal
+        matchers, equal digests."""
+        told = [self.enabled, self.skip_unsampled_parent, self.context_headers,
+                [(asdict(e.when), e.threshold) for e in self.roots]]
+        text = json.dumps(told, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def describe(self) -> dict[str, object]:
@@ -120,10 +124,16 @@ def effective_defaults(settings: SamplingSettings, env: Mapping[str, str]) -> tu
     return ratio, follow
 
 
-def _rule_condition(rule: SamplingRule, tenants: TenantSettings) -> Condition | str:
-    """The rule as a condition Envoy can test, or why it cannot be one."""
+def _rule_condition(rule: SamplingRule, tenants: TenantSettings
+                    ) -> Condition | str | None:
+    """The rule as a condition Envoy can test, why it cannot be one, or None when the
+    sidecar can never match it (so it never applies)."""
     if rule.route is not None:
         return "a rule on the route name"
+    if rule.path_prefix is not None and ("?" in rule.path_prefix or "#" in rule.path_prefix):
+        return None  # the sidecar matches the path without its query
+    if rule.tenant is not None and not resolvable(rule.tenant, tenants):
+        return None
     header = rule.header
     if rule.tenant is not None:
         if header is not None or not _tenant_is_plain_header(tenants):
@@ -135,6 +145,11 @@ def _rule_condition(rule: SamplingRule, tenants: TenantSettings) -> Condition | 
                      header.exact if header else None, header.regex if header else None)
 
 
+def resolvable(tenant: str, tenants: TenantSettings) -> bool:
+    """Whether the sidecar can resolve a request to this tenant id (`TenantResolver`)."""
+    return len(tenant) <= tenants.max_length and _TENANT_ID.fullmatch(tenant) is not None
+
+
 def _tenant_is_plain_header(tenants: TenantSettings) -> bool:
     """The tenant is exactly one header's value: no other source, no allow-list mapping."""
     sources = {s for s in tenants.order
@@ -144,24 +159,34 @@ def _tenant_is_plain_header(tenants: TenantSettings) -> bool:
 
 
 def compile_prefilter(sampling: SamplingSettings, tenants: TenantSettings,
-                      extract: tuple[str, ...], env: Mapping[str, str] | None = None
-                      ) -> PrefilterPlan:
+                      extract: tuple[str, ...], env: Mapping[str, str] | None = None, *,
+                      counted: bool = True) -> PrefilterPlan:
     """The plan for these settings (see the module's docstring for what it skips);
-    `env` supplies OTEL_TRACES_SAMPLER[_ARG] when no rules are configured."""
+    `env` supplies OTEL_TRACES_SAMPLER[_ARG] when no rules are configured; `counted`:
+    the sidecar counts the requests Envoy skips (stream.join_access_log)."""
     if not sampling.prefilter:
         return PrefilterPlan(False, "sampling.prefilter is off: Envoy asks about every request")
+    if not counted:
+        return PrefilterPlan(False, "stream.join_access_log is off, so requests Envoy skipped "
+                                    "would go uncounted: Envoy asks about every request")
     if sampling.keep_errors.enabled:
         return PrefilterPlan(False, "sampling.keep_errors records every request to keep the "
                                     "failed ones: Envoy asks about every request")
     ratio, follow = effective_defaults(sampling, {} if env is None else env)
-    headers = tuple(dict.fromkeys(h for f in extract for h in CONTEXT_HEADERS.get(f, ())))
+    # Every format's headers, not only `extract`'s: a route may extract others
+    # (x-extproc-otel-extract), and a request carrying one is then not a root there.
+    headers = tuple(dict.fromkeys(h for hs in CONTEXT_HEADERS.values() for h in hs))
     entries: list[RootEntry] = []
-    asks: list[str] = ["routes that set x-extproc-otel-sample-ratio (wrap their filter "
-                       "config with ExtensionWithMatcherPerRoute, or raise the ratio)"]
+    asks: list[str] = ["routes that set x-extproc-otel-sample-ratio, or extract without "
+                       "tracecontext (wrap their filter config with "
+                       "ExtensionWithMatcherPerRoute, or raise the ratio)",
+                       "roots whose tested headers repeat or hold a comma (always asked)"]
     merged: float | None = None  # from the first rule Envoy cannot test on: one catch-all
     for index, rule in enumerate(sampling.rules):
         condition = _rule_condition(rule, tenants)
         label = rule.name or f"#{index}"
+        if condition is None:
+            continue
         if isinstance(condition, str):
             asks.append(f"rule {label}: {condition}")
             merged = max(rule.ratio, merged or 0.0)
@@ -169,7 +194,8 @@ def compile_prefilter(sampling: SamplingSettings, tenants: TenantSettings,
             entries.append(RootEntry(f"rule {label}", condition, threshold(rule.ratio)))
         else:
             merged = max(rule.ratio, merged)
-    tenant_ratios = {t: p.ratio for t, p in sampling.tenants.items() if p.ratio is not None}
+    tenant_ratios = {t: p.ratio for t, p in sampling.tenants.items()
+                     if p.ratio is not None and resolvable(t, tenants)}
     if tenant_ratios and (merged is not None or not _tenant_is_plain_header(tenants)):
         asks.append("tenant ratios for a tenant not read from one plain header")
         merged = max([*tenant_ratios.values(), merged or 0.0])

@@ -162,3 +162,17 @@ def test_bootstrap_and_snippet_send_envoys_access_log_to_the_sidecar() -> None:
     assert join["typed_config"]["additional_response_trailers_to_log"] == ["grpc-status"]
     snippet_doc = _docs(render("snippet", settings, opts))[0]
     assert snippet_doc["http_connection_manager_access_log"] == hcm["access_log"]
+
+
+@pytest.mark.parametrize(("path", "context"), [
+    ("envoy/istio/envoyfilter-ingressgateway.yaml", "gateway"),
+    ("envoy/istio/envoyfilter-sidecar.yaml", "sidecar")])
+def test_shipped_istio_filters_are_what_envoy_config_prints(path: str, context: str) -> None:
+    """The shipped EnvoyFilters are regenerated whenever the generator changes (they
+    carry the prefilter of the default settings); only the namespace is added."""
+    from ext_proc.dev.devstack import ROOT
+
+    shipped = yaml.safe_load((ROOT / path).read_text())
+    shipped["metadata"].pop("namespace")
+    printed = render("istio", Settings(), options_for(Settings(), istio_context=context))
+    assert shipped == yaml.safe_load(printed)

@@ -265,3 +265,33 @@ def test_envoy_accepts_every_format_with_and_without_the_wrapper(fmt: Format,
     for config in configs:
         verdict = envoy_validate(config, envoy_binary())
         assert verdict.ok, verdict.output[-2000:]
+
+
+def test_a_traceparent_with_zero_ids_is_asked_the_sidecar_takes_it_for_a_root() -> None:
+    flt = _filter(load_settings(sampling={"ratio": 1.0}))
+    tp = "00-{}-{}-00"
+    ok = {":path": "/", ":method": "GET", "x-request-id": "fff"}
+    assert xds_skips(flt, {**ok, "traceparent": tp.format("ab" * 16, "cd" * 8)})
+    assert not xds_skips(flt, {**ok, "traceparent": tp.format("0" * 32, "cd" * 8)})
+    assert not xds_skips(flt, {**ok, "traceparent": tp.format("ab" * 16, "0" * 16)})
+
+
+def test_a_repeated_tested_header_is_asked() -> None:
+    """Envoy joins a repeated header with ',': the sidecar matches any one value, so such
+    a root must be asked (here: tenant gold at 0.75 over a default of 0.01; bucket 256)."""
+    flt = _filter(load_settings(**RICH))
+    root = {":path": "/x", ":method": "GET", "x-request-id": "10000000"}
+    assert xds_skips(flt, {**root, "x-tenant": "free"})
+    assert not xds_skips(flt, {**root, "x-tenant": "gold"})
+    assert not xds_skips(flt, {**root, "x-tenant": "gold,gold"})
+    assert not xds_skips(flt, {**root, "x-canary": "no,yes"})
+
+
+def test_a_request_with_any_formats_context_header_is_not_a_root() -> None:
+    """A route may extract a format the global settings do not (x-extproc-otel-extract)."""
+    flt = _filter(load_settings(sampling={"ratio": 0.0},
+                                propagation={"extract": ["tracecontext"]}))
+    root = {":path": "/x", ":method": "GET", "x-request-id": "fff00000"}
+    assert xds_skips(flt, root)
+    for header in ("b3", "x-b3-traceid", "uber-trace-id", "grpc-trace-bin"):
+        assert not xds_skips(flt, {**root, header: "1"}), header

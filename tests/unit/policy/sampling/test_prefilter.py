@@ -97,3 +97,26 @@ def test_digest_changes_with_what_envoy_is_told() -> None:
     assert _plan({"ratio": 0.01}).digest() == _plan({"ratio": 0.01}).digest()
     assert _plan({"ratio": 0.01}).digest() != _plan({"ratio": 0.02}).digest()
     assert _plan({"ratio": 0.01}).describe()["digest"] == _plan({"ratio": 0.01}).digest()
+
+
+def test_rules_and_tenants_the_sidecar_can_never_match_are_left_out() -> None:
+    plan = _plan({"ratio": 1.0, "rules": [
+        {"name": "query", "path_prefix": "/search?q=", "ratio": 0.0},
+        {"name": "spaced", "tenant": "acme corp", "ratio": 0.0}],
+        "tenants": {"x" * 70: {"ratio": 0.0}, "bad id": {"ratio": 0.0}}},
+        {"header": "x-tenant", "order": ["header"]})
+    assert [(e.label, e.threshold) for e in plan.roots] == [("default", PRECISION)]
+
+
+def test_without_the_access_log_join_envoy_asks_about_everything() -> None:
+    plan = compile_prefilter(SamplingSettings(ratio=0.01), TenantSettings(), EXTRACT,
+                             counted=False)
+    assert not plan.enabled and "join_access_log" in plan.why
+
+
+def test_the_digest_ignores_labels_and_explanations() -> None:
+    named = _plan({"ratio": 0.01, "rules": [{"name": "a", "path_prefix": "/a", "ratio": 0.5}]})
+    renamed = _plan({"ratio": 0.00999, "rules": [
+        {"name": "b", "path_prefix": "/a", "ratio": 0.5}]})  # the same threshold: 41
+    assert named.roots[-1].threshold == renamed.roots[-1].threshold
+    assert named.digest() == renamed.digest()

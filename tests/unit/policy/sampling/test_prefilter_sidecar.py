@@ -115,3 +115,27 @@ def test_check_config_compares_an_envoy_config(tmp_path: Path) -> None:
     assert json.loads(stale.stdout)["sampling_active"]["prefilter"]["stale"] is True
     bare = _check(tmp_path, "static_resources: {}\n", ratio=0.2, prefilter=False)
     assert "warning" not in bare.stderr
+
+
+@pytest.mark.parametrize("method", ["PURGE", "get"])
+def test_a_rule_on_a_method_matches_the_method_as_sent(method: str) -> None:
+    """Envoy's matcher compares :method as sent (case-insensitively); the session must
+    hand the sampling rules the same, not http.request.method's _OTHER."""
+    from ext_proc._gen.envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+    from ext_proc.exchange.session import StreamDeps, StreamSession
+    from ext_proc.policy.propagation import PropagatorCache, Rejections
+
+    sampling = build_sampling(SamplingSettings.model_validate(
+        {"ratio": 1.0, "rules": [{"method": method, "ratio": 0.0}]}), environ={})
+    provider = TracerProvider(sampler=sampling.sampler)
+    deps = StreamDeps(tracer=provider.get_tracer("t"),
+                      propagator=PropagatorCache(Rejections()).get(PropagationSettings()),
+                      attributes_namespace="envoy.filters.http.ext_proc",
+                      metadata_namespace="extproc_otel",
+                      policy=RequestPolicy(Redactor(RedactionSettings()), sampling))
+    session = StreamSession(deps)
+    request = pb.ProcessingRequest()
+    for key, value in ((":method", method), (":path", "/x"), ("x-request-id", _id(0))):
+        request.request_headers.headers.headers.add(key=key, raw_value=value.encode())
+    session.handle(request)
+    assert session.span is not None and not session.span.get_span_context().trace_flags.sampled
