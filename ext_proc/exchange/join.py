@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Final
 
 from ext_proc._gen.envoy.data.accesslog.v3 import accesslog_pb2 as log_pb
-from ext_proc.exchange.als import AccessLogService, FinalFacts
+from ext_proc.exchange.als import AccessLogService, FinalFacts, final_facts
 from ext_proc.exchange.finalizer import Finish, SpanFinalizer
 
 
@@ -41,8 +41,14 @@ class AccessLogJoin:
         self.awaiting = SpanFinalizer(loop_time, response_wait_s, max_kept=0,
                                       on_finished=self._finished)
         # `unasked`: entries of requests Envoy did not ask us about (exchange/unasked.py)
-        self.service = AccessLogService(self.deliver, on_unasked=unasked,
-                                        namespace=namespace, awaited=self.awaited)
+        self._unasked = unasked
+        self.service = AccessLogService(
+            self.deliver, on_unasked=self._count_unasked if unasked is not None else None,
+            namespace=namespace, awaited=self.awaited)
+        # entries just counted as un-asked, by request id, oldest first: in overload an
+        # entry can come before its exchange's first message is even read; the exchange
+        # then finds it here instead of waiting response_wait_s for it
+        self._recent: dict[str, log_pb.HTTPAccessLogEntry] = {}
         self._now = loop_time
         self._probe_s = probe_s
         self._probe_until: float | None = None
@@ -61,8 +67,24 @@ class AccessLogJoin:
             if len(self._open) > self.MAX_OPEN:
                 del self._open[next(iter(self._open))]
 
+    MAX_RECENT: Final = 16_384  # un-asked entries remembered (~2 s at 8,000 req/s)
+
+    def _count_unasked(self, entries: list[log_pb.HTTPAccessLogEntry]) -> None:
+        recent = self._recent
+        for entry in entries:
+            if entry.request.request_id:
+                recent[entry.request.request_id] = entry
+        while len(recent) > self.MAX_RECENT:
+            del recent[next(iter(recent))]
+        if self._unasked is not None:
+            self._unasked(entries)
+
     def defer(self, request_id: str, finish: Finish, *, responded: bool = True) -> None:
         self._open.pop(request_id, None)
+        counted = self._recent.pop(request_id, None)
+        if counted is not None:  # its entry came first, and was counted as un-asked
+            finish(final_facts(counted))
+            return
         if not self.service.connected:
             now = self._now()
             if self._probe_until is None:

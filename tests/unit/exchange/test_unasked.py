@@ -286,3 +286,18 @@ def test_cached_paths_redact_as_the_redactor_does_and_never_key_on_the_query() -
     assert calls.count("/a;jsessionid=s3cret") == 1  # the second one was remembered
     long = "/" + "x" * 2000 + "?token=t"
     assert cached(long) == redactor.path_and_query(long)[0]
+
+
+async def test_an_entry_read_before_its_exchange_opened_still_ends_it() -> None:
+    """Overload: the entry (no metadata: Envoy dropped our late answer) is read before
+    the exchange's first message; it is counted as un-asked, and the exchange, once it
+    closes, finds it at once instead of waiting response_wait_s for it."""
+    counted = Collect()
+    join = AccessLogJoin(10.0, 300.0, unasked=UnaskedRequests([counted]).handle, namespace=NS)
+    join.service.connected = True
+    join.service.handle(message(entry("early", status=204)))
+    assert [r.request_id for r in counted.records] == ["early"]
+    finished: list[FinalFacts | None] = []
+    join.defer("early", finished.append, responded=False)
+    assert [f.response_code if f else None for f in finished] == [204]
+    assert join.pending() == 0
