@@ -167,7 +167,7 @@ def test_version(installed: Installed) -> None:
 def test_envoy_config_prints_each_format_and_envoy_accepts_it(installed: Installed,
                                                               fmt: str) -> None:
     text = installed.run("envoy-config", "--format", fmt,
-                         "--sidecar-address", "127.0.0.1:7070").stdout
+                         "--sidecar-address", f"127.0.0.1:{free_port()}").stdout
     docs = [d for d in yaml.safe_load_all(text) if d]
     assert docs, f"--format {fmt} printed nothing"
     configs = [c for doc in docs for c in envoy_configs(doc)]

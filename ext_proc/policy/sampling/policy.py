@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Final
 
 from loguru import logger
 
@@ -112,7 +112,10 @@ class _Snapshot:
 
 
 class SamplingPolicy:
-    """Owns the sampler handed to the TracerProvider and the live rules behind it."""
+    """Owns the sampler handed to the TracerProvider and the live rules behind it.
+
+    `environ` defaults to a copy of ``os.environ`` taken now; `tenants`, `extract`
+    (propagation.extract) and `counted` (stream.join_access_log) shape the prefilter."""
 
     def __init__(
         self,
@@ -166,17 +169,5 @@ class SamplingPolicy:
         return {**self._snapshot.describe(), "prefilter": self.prefilter_watch.describe()}
 
 
-def build_sampling(
-    settings: SamplingSettings,
-    *,
-    clock: Clock = time.monotonic,
-    environ: Mapping[str, str] | None = None,
-    tenants: TenantSettings | None = None,
-    extract: tuple[str, ...] = (),
-    counted: bool = True,
-) -> SamplingPolicy:
-    """Build the policy; `environ` defaults to a copy of ``os.environ`` taken now.
-    `tenants`, `extract` (propagation.extract) and `counted` (stream.join_access_log)
-    shape the prefilter plan."""
-    return SamplingPolicy(settings, clock=clock, environ=environ, tenants=tenants,
-                          extract=extract, counted=counted)
+# The policy's builder, by its long-standing name (SamplingPolicy's arguments, as given).
+build_sampling: Final = SamplingPolicy
