@@ -125,6 +125,19 @@ def test_b3_64bit_trace_id_is_left_padded(stack: Stack, receiver: OtlpReceiver) 
     assert _traceparent_of(reply.json()["headers"]["traceparent"][0])[0] == span.trace_id
 
 
+def test_b3_multi_with_a_legacy_sampled_value_continues_the_trace(
+        stack: Stack, receiver: OtlpReceiver) -> None:
+    """#19 item 5: X-B3-Sampled: True (outside 0/1) keeps the ids and means sampled."""
+    trace_id, t = tag(), tag()
+    reply = http_request(stack.base_url, f"/echo?tag={t}", headers=[
+        ("X-B3-TraceId", trace_id), ("X-B3-SpanId", SPAN_ID), ("X-B3-Sampled", "True")])
+    assert reply.status == 200
+    span = wait_gateway_span(receiver, with_query(t))
+    assert span.trace_id == trace_id and span.parent_span_id == SPAN_ID
+    got_trace, got_parent, flags = _traceparent_of(reply.json()["headers"]["traceparent"][0])
+    assert (got_trace, got_parent) == (trace_id, span.span_id) and flags & 1
+
+
 def test_baggage_passes_through(stack: Stack, receiver: OtlpReceiver) -> None:
     t = tag()
     baggage = "userId=alice,serverNode=DF%2028;prop=1,isProduction=false"

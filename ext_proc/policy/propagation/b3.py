@@ -3,9 +3,15 @@
 Rules from openzipkin/b3-propagation README: trace ids are 16 or 32 lower-hex
 characters (64-bit ids are left-padded to 128 bits), span ids 16; sampling state
 ``1`` accept, ``0`` deny, ``d`` debug (implies accept) in the single header, and
-``X-B3-Sampled: 1|0`` (lenient ``true|false``) / ``X-B3-Flags: 1`` (debug) in the
-multi form; absent = defer. Sampling state may travel without ids (``b3: 0``),
-which we return as a bare decision. For multiple headers the first value wins.
+``X-B3-Sampled: 1|0`` / ``X-B3-Flags: 1`` (debug) in the multi form; absent = defer.
+Sampling state may travel without ids (``b3: 0``), which we return as a bare
+decision. For multiple headers the first value wins.
+
+Lenient sampling state: the README lets a receiver accept the ``true``/``false`` of
+older tracers. Any sampling value outside the spec's own (``0``/``1``, and ``d`` in
+``b3``) is counted as a rejection, but never discards valid ids: a value we can read
+(``true``, ``False``, ``D`` ...) is taken as it means, any other is read as absent
+(defer), exactly as if the ids had come without it.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ from ext_proc.policy.propagation.rejections import Rejections
 
 _TRACE_LENGTHS: Final = (16, 32)
 _SPAN_LENGTHS: Final = (16,)
+# Every sampling value we can read, case-insensitively; None is defer.
+_LENIENT: Final = {"0": False, "1": True, "d": True, "true": True, "false": False}
 
 
 def _is_parent_id(text: str) -> bool:
@@ -35,18 +43,30 @@ def _is_parent_id(text: str) -> bool:
     return len(text) == 16 and LOWER_HEX.fullmatch(text) is not None
 
 
+def _sampling(
+    text: str, canonical: frozenset[str], fmt: str, rejections: Rejections
+) -> bool | None:
+    """The decision `text` means; a value outside `canonical` is counted, unknown = defer."""
+    if text in canonical:
+        return _LENIENT[text]
+    decision = _LENIENT.get(text.lower())
+    reason = "unknown sampling state: deferred" if decision is None else "lenient sampling state"
+    rejections.reject(fmt, reason, text)
+    return decision
+
+
 class B3SingleFormat(TraceFormat):
     NAME = "b3"
     HEADER_KEY: Final = "b3"
     FIELDS = frozenset({HEADER_KEY})
     WRITES = FIELDS
-    _STATES: Final = {"0": False, "1": True, "d": True}
+    _STATES: Final = frozenset({"0", "1", "d"})
 
     def extract(self, carrier: Carrier, rejections: Rejections) -> Extracted:
         values = carrier.get(self.HEADER_KEY)
         if not values:
             return None
-        result = self._parse(values[0].strip(" \t"))
+        result = self._parse(values[0].strip(" \t"), rejections)
         if result is None:
             rejections.reject(self.NAME, "malformed b3", values[0])
         return result
@@ -58,9 +78,11 @@ class B3SingleFormat(TraceFormat):
         )
 
     @classmethod
-    def _parse(cls, value: str) -> Extracted:
+    def _parse(cls, value: str, rejections: Rejections) -> Extracted:
         if value in cls._STATES:
-            return cls._STATES[value]  # sampling state alone
+            return value != "0"  # sampling state alone
+        if value.lower() in _LENIENT:  # a legacy word alone (b3: true): read, counted
+            return _sampling(value, cls._STATES, cls.NAME, rejections)
         parts = value.split("-")
         if not 2 <= len(parts) <= 4:
             return None
@@ -68,14 +90,12 @@ class B3SingleFormat(TraceFormat):
         span_id = parse_id(parts[1], _SPAN_LENGTHS)
         if trace_id is None or span_id is None:
             return None
-        sampled = False  # defer: the receiver decides; we report "not sampled by caller"
-        if len(parts) >= 3:
-            state = cls._STATES.get(parts[2])
-            if state is None:
-                return None
-            sampled = state
         if len(parts) == 4 and not _is_parent_id(parts[3]):
             return None
+        # defer (absent or unreadable): the receiver decides; we report "not sampled by caller"
+        sampled = False
+        if len(parts) >= 3:
+            sampled = bool(_sampling(parts[2], cls._STATES, cls.NAME, rejections))
         return remote_context(trace_id, span_id, sampled)
 
 
@@ -88,7 +108,7 @@ class B3MultiFormat(TraceFormat):
     FLAGS: Final = "x-b3-flags"
     FIELDS = frozenset({TRACE_ID, SPAN_ID, PARENT_SPAN_ID, SAMPLED, FLAGS})
     WRITES = frozenset({TRACE_ID, SPAN_ID, SAMPLED})
-    _SAMPLED: Final = {"1": True, "0": False, "true": True, "false": False}
+    _SAMPLED: Final = frozenset({"0", "1"})
 
     def extract(self, carrier: Carrier, rejections: Rejections) -> Extracted:
         def first(name: str) -> str | None:
@@ -100,16 +120,9 @@ class B3MultiFormat(TraceFormat):
         )
         if trace is None and span is None and sampled_text is None and flags is None:
             return None
-        sampled: bool | None = None
-        if sampled_text is not None:
-            sampled = self._SAMPLED.get(sampled_text)
-            if sampled is None:
-                rejections.reject(self.NAME, "malformed X-B3-Sampled", sampled_text)
-                return None
-        if flags == "1":
-            sampled = True  # debug implies accept; other Flags values are ignored
         if trace is None and span is None:
-            return sampled  # sampling state alone (None when only a non-debug Flags came)
+            # sampling state alone (None when only a non-debug Flags came)
+            return self._decision(sampled_text, flags, rejections)
         trace_id = None if trace is None else parse_id(trace, _TRACE_LENGTHS)
         span_id = None if span is None else parse_id(span, _SPAN_LENGTHS)
         parent = first(self.PARENT_SPAN_ID)
@@ -118,7 +131,19 @@ class B3MultiFormat(TraceFormat):
         ):
             rejections.reject(self.NAME, "malformed X-B3 ids", f"{trace}-{span}-{parent}")
             return None
+        sampled = self._decision(sampled_text, flags, rejections)
         return remote_context(trace_id, span_id, bool(sampled))
+
+    @classmethod
+    def _decision(
+        cls, sampled_text: str | None, flags: str | None, rejections: Rejections
+    ) -> bool | None:
+        sampled = None
+        if sampled_text is not None:
+            sampled = _sampling(sampled_text, cls._SAMPLED, cls.NAME, rejections)
+        if flags == "1":
+            sampled = True  # debug implies accept; other Flags values are ignored
+        return sampled
 
     def inject(self, span_context: SpanContext, out: dict[str, str]) -> None:
         out[self.TRACE_ID] = trace_hex(span_context.trace_id)
