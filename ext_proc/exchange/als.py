@@ -23,6 +23,7 @@ from loguru import logger
 from ext_proc._gen.envoy.data.accesslog.v3 import accesslog_pb2 as log_pb
 from ext_proc._gen.envoy.service.accesslog.v3 import als_pb2 as pb
 from ext_proc._gen.envoy.service.accesslog.v3 import als_pb2_grpc as pb_grpc
+from ext_proc.exchange.timings import Timings, timings
 
 if TYPE_CHECKING:
     from ext_proc import h2grpc
@@ -80,6 +81,7 @@ class FinalFacts:
     upstream_address: str | None = None  # host:port Envoy sent the request to
     upstream_failure: str | None = None  # upstream transport failure reason
     route_name: str | None = None  # Envoy's route name (xds.route_name)
+    timings: Timings | None = None  # when each byte went and came (phase spans)
 
 
 def response_flag_codes(flags: log_pb.ResponseFlags) -> tuple[str, ...]:
@@ -131,6 +133,7 @@ def final_facts(entry: log_pb.HTTPAccessLogEntry) -> FinalFacts | None:
         upstream_address=_socket_address(common),
         upstream_failure=common.upstream_transport_failure_reason or None,
         route_name=common.route_name or None,
+        timings=timings(common),
     )
 
 

@@ -49,6 +49,9 @@ class ExchangeRecord:
     request_id: str | None = None
     response_body_size: int | None = None  # bytes sent downstream (from Envoy's access log)
     route_name: str | None = None  # Envoy's route name (from its access log), when known
+    # the upstream phase (first byte sent upstream to last byte received), from Envoy's
+    # access log, whether or not phase spans are on; None: no upstream call completed
+    upstream_s: float | None = None
 
 
 class StreamObserver(Protocol):

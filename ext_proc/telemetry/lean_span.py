@@ -104,6 +104,18 @@ class LeanTracer(trace_api.Tracer):
     def finished(self, span: ReadableSpan) -> None:
         self._processor.on_end(span)
 
+    def new_span_id(self) -> int:
+        """A span id from the provider's id generator, for a span started later."""
+        return self._ids.generate_span_id()
+
+    def start_child(self, name: str, parent: SpanContext, span_id: int, kind: SpanKind,
+                    start_time: int) -> LeanSpan:
+        """A recording child of the local span `parent` with a span id allocated earlier
+        (`new_span_id`): it shares its parent's trace flags and state (no sampler call)."""
+        context = SpanContext(parent.trace_id, span_id, is_remote=False,
+                              trace_flags=parent.trace_flags, trace_state=parent.trace_state)
+        return LeanSpan(self, name, context, parent, kind, start_time, ())
+
 
 class LeanSpan(trace_api.Span):
     """A recording span; `end` hands it to the span processors as a `ReadableSpan`."""

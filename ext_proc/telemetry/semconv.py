@@ -50,6 +50,8 @@ ENVOY_RESPONSE_CODE_DETAILS: Final = "envoy.response_code_details"
 ENVOY_UPSTREAM_ADDRESS: Final = "envoy.upstream_address"
 ENVOY_UPSTREAM_ATTEMPTS: Final = "envoy.upstream_request_attempt_count"
 ENVOY_UPSTREAM_FAILURE: Final = "envoy.upstream_transport_failure_reason"
+# which part of the request a phase span covers: filters, upstream, response (#19)
+ENVOY_PHASE: Final = "envoy.phase"
 
 # error.type when the stream ends before any response was seen (client abort,
 # downstream reset, or Envoy giving up on us).
