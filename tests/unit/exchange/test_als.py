@@ -22,6 +22,7 @@ from ext_proc.exchange.als import (
     final_facts,
     response_flag_codes,
 )
+from ext_proc.exchange.timings import Timings
 
 METHOD = f"/{SERVICE_NAME}/StreamAccessLogs"
 
@@ -120,6 +121,9 @@ def test_handle_counts_and_survives_a_failing_handler() -> None:
     assert (service.entries, service.ignored) == (3, 1)
 
 
+START = datetime.datetime(2026, 11, 26, 17, 6, 31, 250_000, tzinfo=datetime.UTC)
+
+
 def _upstream_message(request_id: str) -> bytes:
     """A message built from Envoy's full API, with fields our subset does not declare."""
     return bytes(up_als.StreamAccessLogsMessage(
@@ -129,7 +133,10 @@ def _upstream_message(request_id: str) -> bytes:
             up_log.HttpAccessLogEntry(
                 common_properties=up_log.AccessLogCommon(
                     sample_rate=1.0, upstream_cluster="users", route_name="echo",
-                    start_time=datetime.datetime.now(datetime.UTC),
+                    start_time=START,
+                    time_to_first_upstream_tx_byte=datetime.timedelta(milliseconds=2),
+                    time_to_first_upstream_rx_byte=datetime.timedelta(milliseconds=50),
+                    time_to_first_downstream_tx_byte=datetime.timedelta(milliseconds=51),
                     response_flags=up_log.ResponseFlags(upstream_remote_reset=True),
                     access_log_type=up_log.AccessLogType.DownstreamEnd,
                     upstream_remote_address=up_core.Address(socket_address=up_core.SocketAddress(
@@ -189,5 +196,8 @@ async def test_stream_over_grpc_with_envoys_full_messages() -> None:
                                 "upstream_reset_after_response_started{remote_reset}", 3,
                                 upstream_address="10.0.0.7:8080",
                                 upstream_failure="delayed connect error: 111",
-                                route_name="echo")
+                                route_name="echo",
+                                timings=Timings(int(START.timestamp()) * 10**9 + 250_000_000,
+                                                2_000_000, 50_000_000, None, 51_000_000, None))
+    assert got[0].timings is not None and got[0].timings.upstream_s is None  # reset: unknown
     assert (service.streams, service.entries, service.ignored) == (0, 2, 1)
