@@ -26,6 +26,7 @@ from opentelemetry.sdk.metrics.export import (
 )
 from opentelemetry.sdk.metrics.view import View
 from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 import ext_proc
 from ext_proc.config.telemetry import MetricsSettings
@@ -37,6 +38,7 @@ from ext_proc.telemetry.metrics.exposition import (
 )
 from ext_proc.telemetry.metrics.red import RedMetrics, RuntimeMetrics
 from ext_proc.telemetry.metrics.spans import SpanPipelineStats
+from ext_proc.telemetry.metrics.tables import EXEMPLAR_FILTERS, attach
 from ext_proc.telemetry.otel_env import TelemetryConfigError, otlp_exporter
 
 METER_NAME: Final = "ext_proc"
@@ -126,9 +128,14 @@ def build_metrics(
     pull_reader = PullReader() if pull else None
     all_readers = (*readers, *([pull_reader] if pull_reader else []))
     limit = settings.cardinality_limit
+    resource = resource or Resource.create()
+    exemplar_filter = (env.get("OTEL_METRICS_EXEMPLAR_FILTER") or "trace_based").strip().lower()
+    if exemplar_filter not in EXEMPLAR_FILTERS:
+        raise MetricsConfigError(f"OTEL_METRICS_EXEMPLAR_FILTER={exemplar_filter!r}: use "
+                                 "trace_based, always_on or always_off")
     provider = MeterProvider(
         metric_readers=all_readers,
-        resource=resource or Resource.create(),
+        resource=resource,
         views=[View(instrument_name="*", aggregation_cardinality_limit=limit)],
         # None: OTEL_METRICS_EXEMPLAR_FILTER, by default exemplars of sampled spans
         exemplar_filter=None if settings.exemplars else AlwaysOffExemplarFilter(),
@@ -139,9 +146,13 @@ def build_metrics(
     spans = SpanPipelineStats() if settings.self_telemetry else None
     if spans is not None:
         spans.observe(meter)
+    red = RedMetrics(meter, settings, exemplar_filter) if enabled else None
+    if red is not None:  # its histograms join every reader's collection
+        attach(all_readers, red.tables, resource,
+               InstrumentationScope(METER_NAME, ext_proc.__version__))
     return Metrics(
         provider=provider, meter=meter,
-        red=RedMetrics(meter, settings) if enabled else None,
+        red=red,
         runtime=RuntimeMetrics(meter) if settings.self_telemetry else None,
         spans=spans, pull=pull_reader, readers=all_readers,
     )

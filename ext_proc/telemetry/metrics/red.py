@@ -10,13 +10,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any, Final
 
-from opentelemetry.context import Context
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
-from opentelemetry.trace import INVALID_SPAN, NonRecordingSpan, set_span_in_context
 
 from ext_proc.config.telemetry import MetricsSettings
 from ext_proc.request.seams import ExchangeRecord
 from ext_proc.telemetry import semconv as sc
+from ext_proc.telemetry.metrics.tables import HistogramTable
 
 REQUEST_DURATION: Final = "http.server.request.duration"
 ACTIVE_REQUESTS: Final = "http.server.active_requests"
@@ -29,9 +28,6 @@ PROTOCOL_ERRORS: Final = "extproc.grpc.protocol_errors"
 PHASE: Final = "extproc.phase"
 FORMAT: Final = "extproc.propagation.format"
 TENANT_ID: Final = "tenant.id"
-
-# Not empty: the SDK takes an empty context for "none given" and uses the current one.
-_NO_SPAN: Final = set_span_in_context(INVALID_SPAN)
 
 # The stable HTTP semantic conventions' advice for http.server.request.duration.
 DURATION_BUCKETS: Final = (
@@ -47,16 +43,20 @@ PHASE_BUCKETS: Final = (
 class RedMetrics:
     """Rate, errors, duration per method/route/status, with bounded attribute values."""
 
-    def __init__(self, meter: Meter, settings: MetricsSettings) -> None:
+    def __init__(self, meter: Meter, settings: MetricsSettings,
+                 exemplar_filter: str = "trace_based") -> None:
         self._settings = settings
-        self._duration = meter.create_histogram(
-            REQUEST_DURATION, unit="s", description="Duration of HTTP server requests.",
-            explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
-        )
+        # Aggregated in plain Python (tables.py): the SDK's record costs ~10 us a call.
+        exemplars = exemplar_filter if settings.exemplars else "always_off"
+        limit = settings.cardinality_limit
+        self._duration = HistogramTable(
+            REQUEST_DURATION, "s", "Duration of HTTP server requests.", DURATION_BUCKETS,
+            limit=limit, exemplars=exemplars)
         # Known from Envoy's access log (envoy.access_loggers.http_grpc to the sidecar).
-        self._body = meter.create_histogram(
-            RESPONSE_BODY_SIZE, unit="By", description="Size of HTTP server response bodies.",
-        )
+        self._body = HistogramTable(
+            RESPONSE_BODY_SIZE, "By", "Size of HTTP server response bodies.",
+            limit=limit, exemplars=exemplars)
+        self.tables = (self._duration, self._body)
         # Counted in plain ints and observed at collection time: two SDK adds per
         # request cost ~30 us; this costs well under one.
         self._active: dict[str, int] = {}
@@ -80,18 +80,27 @@ class RedMetrics:
     def method(method: str | None) -> str:
         return method if method in sc.KNOWN_METHODS else sc.OTHER_METHOD
 
-    def attributes(self, record: ExchangeRecord) -> dict[str, Any]:
-        attrs: dict[str, Any] = {
-            sc.HTTP_REQUEST_METHOD: self.method(record.method),
-            sc.HTTP_ROUTE: self.route(record.route),
-        }
-        if record.status and 100 <= record.status <= 599:
-            attrs[sc.HTTP_RESPONSE_STATUS_CODE] = record.status
-        if record.error_type:
-            attrs[sc.ERROR_TYPE] = record.error_type
-        if self._settings.tenant_attribute and record.tenant:
-            attrs[TENANT_ID] = record.tenant
+    def key(self, record: ExchangeRecord) -> tuple[Any, ...]:
+        """The attribute values, normalised: one key per distinct attribute set."""
+        status = record.status if record.status and 100 <= record.status <= 599 else None
+        tenant = record.tenant if self._settings.tenant_attribute else None
+        return (self.method(record.method), self.route(record.route), status,
+                record.error_type or None, tenant or None)
+
+    @staticmethod
+    def attributes_of(key: tuple[Any, ...]) -> dict[str, Any]:
+        method, route, status, error_type, tenant = key
+        attrs: dict[str, Any] = {sc.HTTP_REQUEST_METHOD: method, sc.HTTP_ROUTE: route}
+        if status is not None:
+            attrs[sc.HTTP_RESPONSE_STATUS_CODE] = status
+        if error_type is not None:
+            attrs[sc.ERROR_TYPE] = error_type
+        if tenant is not None:
+            attrs[TENANT_ID] = tenant
         return attrs
+
+    def attributes(self, record: ExchangeRecord) -> dict[str, Any]:
+        return self.attributes_of(self.key(record))
 
     def stream_started(self, method: str | None, route: str | None) -> None:
         name = self.method(method)
@@ -103,15 +112,15 @@ class RedMetrics:
         if record.started and record.method is not None:  # stream_started ran
             name = self.method(record.method)
             self._active[name] = self._active.get(name, 0) - 1
-        context: Context | None = None
-        if not record.span_context.is_valid:
-            context = _NO_SPAN  # no span (Envoy did not ask us): never an exemplar
-        elif self._settings.exemplars:
-            context = set_span_in_context(NonRecordingSpan(record.span_context))
-        attributes = self.attributes(record)
-        self._duration.record(max(record.duration_s, 0.0), attributes, context)
+        key = self.key(record)
+
+        def attributes() -> dict[str, Any]:
+            return self.attributes_of(key)
+        # no span (Envoy did not ask us): an invalid context, never an exemplar
+        context = record.span_context
+        self._duration.record(key, max(record.duration_s, 0.0), attributes, context)
         if record.response_body_size is not None:
-            self._body.record(record.response_body_size, attributes, context)
+            self._body.record(key, record.response_body_size, attributes, context)
 
 
 class RuntimeMetrics:

@@ -99,7 +99,8 @@ def _resolve(node: ast.expr | None, consts: dict[str, str]) -> str | None:
 
 
 def instruments() -> list[tuple[str, str, str]]:
-    """(name, unit, kind) for every ``meter.create_*(...)`` call under ext_proc/."""
+    """(name, unit, kind) for every ``meter.create_*(...)`` call under ext_proc/, and
+    every ``HistogramTable(name, unit, ...)`` (histograms aggregated outside the SDK)."""
     found = []
     for path in sorted((ROOT / "ext_proc").rglob("*.py")):
         if "_gen" in path.parts:
@@ -107,6 +108,12 @@ def instruments() -> list[tuple[str, str, str]]:
         tree = ast.parse(path.read_text())
         consts = _string_constants(tree)
         for node in ast.walk(tree):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                    and node.func.id == "HistogramTable" and len(node.args) >= 2):
+                name, unit = _resolve(node.args[0], consts), _resolve(node.args[1], consts)
+                assert name is not None, f"{path}:{node.lineno}: table name not resolvable"
+                found.append((name, unit or "", "histogram"))
+                continue
             if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
                 continue
             match = _CREATE.match(node.func.attr)
