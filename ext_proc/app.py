@@ -21,6 +21,7 @@ from ext_proc._gen.envoy.service.ext_proc.v3 import external_processor_pb2_grpc 
 from ext_proc.config import Settings
 from ext_proc.config.sampling import SamplingSettings
 from ext_proc.exchange.join import AccessLogJoin
+from ext_proc.exchange.phases import PhaseSpans
 from ext_proc.exchange.servicer import ExternalProcessor
 from ext_proc.exchange.session import StreamDeps
 from ext_proc.exchange.unasked import RouteTemplates, UnaskedRequests, cached_paths
@@ -38,6 +39,7 @@ from ext_proc.policy.tenants import TenantResolver
 from ext_proc.request.route_options import RouteOptionsCache
 from ext_proc.request.seams import StreamObserver
 from ext_proc.telemetry.access_lines import AccessLog
+from ext_proc.telemetry.lean_span import LeanTracer
 from ext_proc.telemetry.metrics.wiring import Observability, build_observability
 from ext_proc.telemetry.provider import Telemetry, build_telemetry
 from ext_proc.tls import bind
@@ -169,6 +171,8 @@ def build_sidecar(settings: Settings, telemetry: Telemetry | None = None) -> Sid
         finalizer=join,
         # with several workers a request's access-log entry may reach another worker
         response_phase=settings.server.workers > 1,
+        phases=PhaseSpans(telemetry.tracer, stream.phase_spans, join.service)
+        if join is not None and isinstance(telemetry.tracer, LeanTracer) else None,
         observers=(*observers, routes) if observers and join is not None else observers,
     )
     processor = ExternalProcessor(deps, RouteOptionsCache(settings.propagation),

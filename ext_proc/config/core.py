@@ -194,6 +194,17 @@ class StreamSettings(BaseModel):
             "x-extproc-otel-upstream-span: on|off."
         ),
     )
+    phase_spans: bool = Field(
+        False,
+        description=(
+            "Give the SERVER span children from Envoy's own timings in its access log "
+            "(needs join_access_log and Envoy's gRPC access log): filters (INTERNAL, request "
+            "start to first byte sent upstream), upstream (CLIENT, first byte sent to last "
+            "byte received; its id is what goes upstream, so it replaces upstream_span) and "
+            "response (INTERNAL, first to last byte sent to the client); see docs/tracing.md. "
+            "Per route: x-extproc-otel-phase-spans: on|off."
+        ),
+    )
     attributes_namespace: str = Field(
         "envoy.filters.http.ext_proc",
         description="Key of ProcessingRequest.attributes that holds Envoy's attributes.",

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from opentelemetry.trace import Tracer
 
 from ext_proc.exchange.join import AccessLogJoin
+from ext_proc.exchange.phases import PhaseSpans
 from ext_proc.policy.request_policy import RequestPolicy
 from ext_proc.request.seams import Propagator, PropagatorSource, StreamObserver
 
@@ -28,3 +29,4 @@ class StreamDeps:
     # Always ask Envoy for the response phase (mode_override), e.g. with --workers N,
     # where a request's access-log entry may reach another process than its stream.
     response_phase: bool = False
+    phases: PhaseSpans | None = None  # phase spans from the access log (with `finalizer`)

@@ -8,6 +8,8 @@ from typing import Any, Final
 from opentelemetry.trace import Span, Status, StatusCode
 
 from ext_proc.exchange.als import FinalFacts
+from ext_proc.exchange.tls_facts import tls_attributes
+from ext_proc.policy.redaction import Redactor
 from ext_proc.request.envoy_attrs import FLAG_ERROR_TYPES, EnvoyAttributes, response_flag_names
 from ext_proc.telemetry import semconv as sc
 
@@ -63,9 +65,12 @@ def interrupted(result: Outcome) -> Outcome:
 RESET_FLAGS: Final = frozenset({"UR", "UC", "LR", "DC", "DR", "UPE", "SI", "DT", "UMSDR", "DPE"})
 
 
-def merge_final_facts(result: Outcome, final: FinalFacts) -> None:
-    """Add what only Envoy's access-log entry knows: body size, late flags, attempts."""
+def merge_final_facts(result: Outcome, final: FinalFacts,
+                      redactor: Redactor | None = None) -> None:
+    """Add what only Envoy's access-log entry knows: body size, late flags, attempts, TLS."""
     attrs = result.attributes
+    if final.tls is not None:
+        attrs.update(tls_attributes(final.tls, redactor))
     if final.body_bytes_sent is not None:
         attrs[sc.HTTP_RESPONSE_BODY_SIZE] = final.body_bytes_sent
     if final.response_flags:
@@ -81,9 +86,10 @@ def merge_final_facts(result: Outcome, final: FinalFacts) -> None:
             attrs.setdefault(key, value)
 
 
-def with_final_facts(result: Outcome, status: int, final: FinalFacts) -> Outcome:
+def with_final_facts(result: Outcome, status: int, final: FinalFacts,
+                     redactor: Redactor | None = None) -> Outcome:
     """Refine `result` with Envoy's own record of how the exchange ended."""
-    merge_final_facts(result, final)
+    merge_final_facts(result, final, redactor)
     flags = final.response_flags
     if result.error_type == str(status):  # a bare 5xx: the flags may say why
         cause = next((FLAG_ERROR_TYPES[f] for f in flags if f in FLAG_ERROR_TYPES), None)
@@ -166,20 +172,22 @@ def apply(span: Span, result: Outcome) -> None:
 
 def exchange_outcome(status: int | None, grpc_status: str | None, is_grpc: bool,
                      envoy: EnvoyAttributes | None, extra: dict[str, Any],
-                     final: FinalFacts | None, reset: bool, *, unknown: bool = False) -> Outcome:
+                     final: FinalFacts | None, reset: bool, *, unknown: bool = False,
+                     redactor: Redactor | None = None) -> Outcome:
     """The gateway span's ending. `status` None: no response was seen; `final`: Envoy's
     access-log entry, when joined; `reset`: the stream was reset after the response;
     `unknown`: no response was expected on the stream and no entry came, so nothing
-    says how the exchange ended (not an error we could name)."""
+    says how the exchange ended (not an error we could name); `redactor`: for the client
+    certificate's keyed hash."""
     if status is None and unknown:
         return Outcome()
     if status is None:
         result = aborted()
         if final is not None:
-            merge_final_facts(result, final)
+            merge_final_facts(result, final, redactor)
         return result
     result = outcome(status, grpc_status, is_grpc, envoy)
     result.attributes.update(extra)
     if final is not None:
-        return with_final_facts(result, status, final)
+        return with_final_facts(result, status, final, redactor)
     return interrupted(result) if reset else result

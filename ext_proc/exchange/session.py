@@ -295,6 +295,6 @@ class StreamSession:
         result = exchange_outcome(
             self._status, self._grpc_status, bool(self._facts and self._facts.is_grpc),
             self._response_attrs, extra, final, self.cancelled and self._deps.graceful_close,
-            unknown=unknown)
+            unknown=unknown, redactor=policy.redactor if policy else None)
         apply(span, result)
         return result.error_type

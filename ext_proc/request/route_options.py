@@ -13,6 +13,7 @@ metadata on that route's streams. Keys we read start with ``x-extproc-otel-``:
 ``x-extproc-otel-clear``         comma list of extra headers to remove upstream
 ``x-extproc-otel-sample-ratio``  head-sampling ratio for this route, 0..1
 ``x-extproc-otel-upstream-span`` ``on``/``off``: a CLIENT span around the upstream call
+``x-extproc-otel-phase-spans``   ``on``/``off``: the filters/upstream/response phase spans
 ``x-extproc-otel-prefilter``     set by ``envoy-config`` on the filter's grpc_service (not
                                  per route): the digest of the prefilter Envoy runs
 ``x-extproc-otel-<key>``         any other key: route metadata, e.g. ``tenant`` for
@@ -45,6 +46,7 @@ INJECT: Final = PREFIX + "inject"
 CLEAR: Final = PREFIX + "clear"
 SAMPLE_RATIO: Final = PREFIX + "sample-ratio"
 UPSTREAM_SPAN: Final = PREFIX + "upstream-span"
+PHASE_SPANS: Final = PREFIX + "phase-spans"
 PREFILTER: Final = PREFIX + "prefilter"  # on the grpc_service, from envoy-config
 
 _MAX_VALUE: Final = 256
@@ -63,6 +65,7 @@ class RouteOptions:
     upstream_span: bool | None = None  # None: the sidecar's stream.upstream_span
     items: tuple[tuple[str, str], ...] = ()  # every x-extproc-otel-* entry, as sent
     prefilter_digest: str | None = None  # the plan Envoy runs; None: it asks about all
+    phase_spans: bool | None = None  # None: the sidecar's stream.phase_spans
 
     @property
     def metadata_map(self) -> dict[str, str]:
@@ -102,6 +105,7 @@ def parse_route_options(
     ratio: float | None = None
     upstream: bool | None = None
     prefilter: str | None = None
+    phases: bool | None = None
     for key, value in items:
         if key == HTTP_ROUTE and value:
             http_route = value
@@ -116,6 +120,8 @@ def parse_route_options(
             prefilter = value
         elif key == UPSTREAM_SPAN:
             upstream = value.strip().lower() not in _OFF
+        elif key == PHASE_SPANS:
+            phases = value.strip().lower() not in _OFF
         elif key == SAMPLE_RATIO:
             ratio = _ratio(value)
             if ratio is None:
@@ -128,7 +134,7 @@ def parse_route_options(
         except ValidationError as exc:
             logger.debug("route propagation override ignored", reason=str(exc.errors()[0]["msg"]))
     return RouteOptions(http_route, tracing, tuple(attributes), propagation, ratio, upstream,
-                        items, prefilter)
+                        items, prefilter, phases)
 
 
 class RouteOptionsCache:
