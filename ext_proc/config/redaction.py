@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from typing import Final
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 _FROZEN = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
 # RFC 9110 section 5.6.2 token, plus the leading ':' of HTTP/2 pseudo-headers.
@@ -97,6 +97,15 @@ class RedactionSettings(BaseModel):
     enduser_id_length: int = Field(
         default=32, ge=16, le=64, description="Hex characters of the HMAC kept in enduser.id.",
     )
+    client_certificate_hash: bool = Field(
+        default=False,
+        description=(
+            "Record envoy.tls.peer_certificate_hash on the SERVER span: HMAC-SHA256(hmac_secret, "
+            "the client certificate's subject, issuer and SANs as Envoy's access log reports "
+            "them), hex, enduser_id_length characters. Needs hmac_secret and Envoy's gRPC "
+            "access log. The certificate's fields themselves are never recorded."
+        ),
+    )
     max_value_length: int = Field(
         default=1024, ge=64, le=65_536,
         description="Longest attribute or log value emitted; longer ones end in [TRUNCATED].",
@@ -140,3 +149,9 @@ class RedactionSettings(BaseModel):
         if value is not None and len(value.get_secret_value()) < MIN_SECRET_CHARS:
             raise ValueError(f"hmac_secret must be at least {MIN_SECRET_CHARS} characters")
         return value
+
+    @model_validator(mode="after")
+    def _check_certificate_hash(self) -> RedactionSettings:
+        if self.client_certificate_hash and self.hmac_secret is None:
+            raise ValueError("client_certificate_hash needs hmac_secret (the hash is keyed)")
+        return self

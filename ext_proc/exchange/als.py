@@ -24,6 +24,7 @@ from ext_proc._gen.envoy.data.accesslog.v3 import accesslog_pb2 as log_pb
 from ext_proc._gen.envoy.service.accesslog.v3 import als_pb2 as pb
 from ext_proc._gen.envoy.service.accesslog.v3 import als_pb2_grpc as pb_grpc
 from ext_proc.exchange.timings import Timings, timings
+from ext_proc.exchange.tls_facts import TlsFacts, tls_facts
 
 if TYPE_CHECKING:
     from ext_proc import h2grpc
@@ -81,6 +82,7 @@ class FinalFacts:
     upstream_address: str | None = None  # host:port Envoy sent the request to
     upstream_failure: str | None = None  # upstream transport failure reason
     route_name: str | None = None  # Envoy's route name (xds.route_name)
+    tls: TlsFacts | None = None  # the downstream connection's TLS; None for plaintext
     timings: Timings | None = None  # when each byte went and came (phase spans)
 
 
@@ -133,6 +135,7 @@ def final_facts(entry: log_pb.HTTPAccessLogEntry) -> FinalFacts | None:
         upstream_address=_socket_address(common),
         upstream_failure=common.upstream_transport_failure_reason or None,
         route_name=common.route_name or None,
+        tls=tls_facts(common),
         timings=timings(common),
     )
 

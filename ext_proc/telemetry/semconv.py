@@ -41,6 +41,17 @@ RPC_SERVICE: Final = "rpc.service"
 RPC_METHOD: Final = "rpc.method"
 RPC_GRPC_STATUS_CODE: Final = "rpc.grpc.status_code"
 
+# TLS of the downstream connection (semconv tls.*, development), from Envoy's access log.
+TLS_PROTOCOL_NAME: Final = "tls.protocol.name"
+TLS_PROTOCOL_VERSION: Final = "tls.protocol.version"
+TLS_CIPHER: Final = "tls.cipher"
+# The SNI. The registry has no tls.server.name; tls.client.server_name is the SNI, deprecated
+# for server.address, which the SERVER span already takes from the Host/:authority.
+TLS_CLIENT_SERVER_NAME: Final = "tls.client.server_name"
+# A keyed hash of the client certificate's identity, not tls.client.hash.sha256 (that one
+# is the certificate's plain DER fingerprint, which Envoy's access log does not carry).
+ENVOY_TLS_PEER_CERTIFICATE_HASH: Final = "envoy.tls.peer_certificate_hash"
+
 ENVOY_REQUEST_ID: Final = "envoy.request_id"
 ENVOY_ROUTE_NAME: Final = "envoy.route_name"
 ENVOY_CLUSTER_NAME: Final = "envoy.cluster_name"

@@ -28,6 +28,8 @@ RESPONSE_HEADER_PREFIX: Final = "http.response.header."
 AUTHORIZATION: Final = "authorization"
 SCHEME_API_KEY: Final = "api-key"
 SCHEME_MTLS: Final = "mtls"
+# Keeps a certificate's hash apart from an enduser.id of the same text (same key).
+CERTIFICATE_DOMAIN: Final = "x509-identity\x00"
 
 Direction = Literal["request", "response"]
 # (header name, attribute key, denied?) for each allowlisted header.
@@ -70,6 +72,7 @@ class Redactor:
             if secret is not None
             else None
         )
+        self._hashes_certificates = settings.client_certificate_hash
 
     def _plan(self, prefix: str, names: tuple[str, ...]) -> _CapturePlan:
         return tuple((name, prefix + name, self._denied.matches(name)) for name in names)
@@ -188,3 +191,10 @@ class Redactor:
         if mtls:
             return {AUTH_SCHEME: SCHEME_MTLS}
         return {}
+
+    def certificate_hash(self, identity: str) -> str | None:
+        """A keyed hash of a client certificate's `identity` (its subject, issuer and SANs),
+        or None unless ``client_certificate_hash`` is on. Never the identity itself."""
+        if not self._hashes_certificates or self._hasher is None:
+            return None
+        return self._hasher.digest(CERTIFICATE_DOMAIN + identity)
