@@ -164,6 +164,15 @@ def client_outcome(http_status: int | None, grpc_status: str | None, is_grpc: bo
     return result
 
 
+def end_client(client: Span, http_status: int | None, grpc_status: str | None, is_grpc: bool,
+               envoy: EnvoyAttributes | None) -> None:
+    """End the optional upstream CLIENT span with what Envoy said of the upstream."""
+    try:
+        apply(client, client_outcome(http_status, grpc_status, is_grpc, envoy))
+    finally:
+        client.end()
+
+
 def apply(span: Span, result: Outcome) -> None:
     span.set_attributes(result.attributes)
     if result.status.status_code is not StatusCode.UNSET:

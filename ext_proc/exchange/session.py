@@ -18,7 +18,8 @@ from ext_proc._gen.envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from ext_proc.exchange.als import FinalFacts
 from ext_proc.exchange.answers import APPENDED, RESPONSE_PHASE, empty_response, trace_metadata
 from ext_proc.exchange.deps import StreamDeps
-from ext_proc.exchange.outcome import apply, client_outcome, exchange_outcome
+from ext_proc.exchange.outcome import apply, end_client, exchange_outcome
+from ext_proc.exchange.phases import upstream_seconds
 from ext_proc.exchange.request_info import RequestInfo, request_info
 from ext_proc.policy.redaction import REDACTED
 from ext_proc.request.envoy_attrs import EnvoyAttributes
@@ -33,7 +34,8 @@ class StreamSession:
 
     __slots__ = ("_carrier", "_client", "_closed", "_deps", "_expects_response", "_facts",
                  "_grpc_status", "_options", "_path", "_pending", "_propagator", "_response_attrs",
-                 "_start_ns", "_started", "_status", "_tenant", "abandoned", "cancelled", "span")
+                 "_start_ns", "_started", "_status", "_tenant", "_upstream", "abandoned",
+                 "cancelled", "span")
 
     def __init__(self, deps: StreamDeps, options: RouteOptions = DEFAULT) -> None:
         self._deps = deps
@@ -46,6 +48,7 @@ class StreamSession:
         self._carrier: Carrier | None = None  # kept from one phase until it is recorded
         self.span: Span | None = None
         self._client: Span | None = None  # the optional upstream CLIENT span
+        self._upstream: Span | None = None  # the upstream phase (its id only: see phases)
         self._facts: RequestInfo | None = None
         self._path: str | None = None  # url.path, redacted
         self._start_ns = 0
@@ -71,9 +74,8 @@ class StreamSession:
             if phase == "response_headers":
                 return self._on_response_headers(request)
             if phase == "response_trailers":
-                self._grpc_status = first(
-                    carrier_from_headers(request.response_trailers.trailers), "grpc-status"
-                ) or self._grpc_status
+                self._grpc_status = first(carrier_from_headers(
+                    request.response_trailers.trailers), "grpc-status") or self._grpc_status
         except Exception:
             logger.opt(exception=True).error("phase failed", phase=phase)
         return empty_response(phase)
@@ -100,7 +102,10 @@ class StreamSession:
             attributes=facts.start_attributes, start_time=self._start_ns,
         )
         upstream = self._options.upstream_span
-        if upstream if upstream is not None else deps.upstream_span:
+        if deps.phases is not None and (phase := deps.phases.allocate(
+                span, self._options.phase_spans)) is not None:
+            span = self._upstream = phase  # the upstream phase's id goes upstream
+        elif upstream if upstream is not None else deps.upstream_span:
             span = self._client = deps.tracer.start_span(
                 facts.span_name, context=set_span_in_context(span, parent), kind=SpanKind.CLIENT)
         out: dict[str, str] = {}
@@ -135,9 +140,8 @@ class StreamSession:
         self._status = int(status) if status and status.isdigit() else 0
         if headers.end_of_stream:  # gRPC trailers-only responses carry grpc-status here
             self._grpc_status = first(carrier, "grpc-status") or self._grpc_status
-        self._response_attrs = EnvoyAttributes.of(
-            request.attributes, self._deps.attributes_namespace
-        )
+        self._response_attrs = EnvoyAttributes.of(request.attributes,
+                                                  self._deps.attributes_namespace)
         self._carrier = carrier
         if self._client is not None:
             self._pending = request  # the upstream span ends after the answer
@@ -203,14 +207,9 @@ class StreamSession:
     def _end_client(self) -> None:
         """End the upstream CLIENT span, if any, with what Envoy said of the upstream."""
         client, self._client = self._client, None
-        if client is None:
-            return
-        try:
-            apply(client, client_outcome(self._status, self._grpc_status,
-                                         bool(self._facts and self._facts.is_grpc),
-                                         self._response_attrs))
-        finally:
-            client.end()
+        if client is not None:
+            end_client(client, self._status, self._grpc_status,
+                       bool(self._facts and self._facts.is_grpc), self._response_attrs)
 
     def close(self) -> None:
         """The stream ended: end the span exactly once (now, or when Envoy's access log
@@ -248,6 +247,8 @@ class StreamSession:
         error_type: str | None = None
         try:
             error_type = self._finish(span, final)
+            if (phases := self._deps.phases) and self._upstream and final is not None:
+                phases.record(span, self._upstream, self._facts, (self._start_ns, end_ns), final)
         except Exception:
             logger.opt(exception=True).error("finishing span failed")
         finally:
@@ -264,13 +265,11 @@ class StreamSession:
             method=facts.method if facts else None, route=facts.route if facts else None,
             path=self._url_path(), request_id=facts.request_id if facts else None,
             status=self._status, error_type=error_type,
-            duration_s=(end_ns - self._start_ns) / 1e9,
-            span_context=span.get_span_context(),
-            grpc_status=self._grpc_status,
-            tenant=self._tenant,
-            started=self._started,
+            duration_s=(end_ns - self._start_ns) / 1e9, span_context=span.get_span_context(),
+            grpc_status=self._grpc_status, tenant=self._tenant, started=self._started,
             response_body_size=final.body_bytes_sent if final is not None else None,
-            route_name=final.route_name if final is not None else None)
+            route_name=final.route_name if final is not None else None,
+            upstream_s=upstream_seconds(final))
         for observer in self._deps.observers:
             try:
                 observer.stream_finished(record)
