@@ -103,7 +103,7 @@ def make_pki(directory: Path) -> Pki:
     pki = Pki(directory)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca = _cert("extproc-otel test CA", ca_key, _name("extproc-otel test CA"), ca_key, ca=True)
-    pki.ca.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    _write(pki.ca, ca, ca_key, _ca_key_path(pki))  # the key: for make_client_certificate
     server_key = ec.generate_private_key(ec.SECP256R1())
     server = _cert(SERVER_NAME, server_key, ca.subject, ca_key, ca=False, sans=[
         x509.DNSName(SERVER_NAME), x509.DNSName("localhost"),
@@ -120,3 +120,24 @@ def make_pki(directory: Path) -> Pki:
                   sans=[x509.DNSName(CLIENT_NAME)], usage=[ExtendedKeyUsageOID.CLIENT_AUTH])
     _write(pki.rogue_cert, rogue, rogue_key, pki.rogue_key)
     return pki
+
+
+def make_client_certificate(pki: Pki, common_name: str, dns_name: str,
+                            uri: str) -> tuple[Path, Path]:
+    """A client certificate (and key) for `common_name` with a DNS and a URI SAN, signed by
+    `pki`'s CA: (cert, key)."""
+    ca_key = serialization.load_pem_private_key(
+        _ca_key_path(pki).read_bytes(), password=None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    ca = x509.load_pem_x509_certificate(pki.ca.read_bytes())
+    key = ec.generate_private_key(ec.SECP256R1())
+    sans: list[x509.GeneralName] = [x509.DNSName(dns_name), x509.UniformResourceIdentifier(uri)]
+    cert = _cert(common_name, key, ca.subject, ca_key, ca=False, sans=sans,
+                 usage=[ExtendedKeyUsageOID.CLIENT_AUTH])
+    cert_path, key_path = pki.path(f"{common_name}.crt"), pki.path(f"{common_name}.key")
+    _write(cert_path, cert, key, key_path)
+    return cert_path, key_path
+
+
+def _ca_key_path(pki: Pki) -> Path:
+    return pki.path("ca.key")
