@@ -77,7 +77,10 @@ class PhaseSpans:
     def record(self, server: Span, upstream: Span, facts: RequestInfo | None,
                bounds: tuple[int, int], final: FinalFacts) -> None:
         """Record the phases `final` shows, within the SERVER span's `bounds`; `upstream`
-        is the span `allocate` gave (its id went upstream)."""
+        is the span `allocate` gave (its id went upstream). Envoy times only the last
+        attempt of a retried request: the upstream span covers that attempt, and there
+        is no filters span (where the filters ended, before the first attempt, is not
+        logged)."""
         times = final.timings
         if times is None or facts is None:
             return
@@ -91,7 +94,8 @@ class PhaseSpans:
         parent = server.get_span_context()
         sent, first_out = times.first_upstream_tx, times.first_downstream_tx
         if sent is not None:
-            self._span(FILTERS, parent, SpanKind.INTERNAL, low, at(sent))
+            if (final.upstream_attempts or 0) <= 1:  # else `sent` is the last attempt's
+                self._span(FILTERS, parent, SpanKind.INTERNAL, low, at(sent))
             self._upstream(parent, upstream.get_span_context().span_id, name, at, high,
                            final, is_grpc)
         if first_out is not None:
