@@ -15,20 +15,23 @@ import signal
 import sys
 import tempfile
 import threading
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, Final
 
 import grpc
 
 from ext_proc._gen.demo.v1 import users_pb2, users_pb2_grpc
 from ext_proc.dev.demo.receiver import OtlpReceiver, ReceivedSpan
 from ext_proc.dev.demo.tree import parse_log_line, render_traces
-from ext_proc.dev.devstack import Proc, Stack
+from ext_proc.dev.devstack import Config, Proc, Stack, hcm_of, wait_until
 
 CLIENT_TRACE = "0af7651916cd43dd8448eb211c80319c"
 CLIENT_SPAN = "b7ad6b7169203331"
+DELAY_MS = 100  # Envoy's fault filter holds requests to DELAYED_PATH this long
+DELAYED_PATH = "/delayed/users"
 
 
 @dataclass(frozen=True)
@@ -39,16 +42,57 @@ class Call:
     headers: tuple[tuple[str, str], ...] = ()
 
 
+# Phase spans are on (stream.phase_spans): a gateway span has a child per phase Envoy
+# went through: filters, upstream (CLIENT), response. A local reply has only a response.
+PHASES = 3
 HTTP_CALLS = (
-    Call("list users (new trace)", "/api/users", 3),
-    Call("one user, client sent a traceparent", "/api/users/2", 3,
+    Call("list users (new trace)", "/api/users", 3 + PHASES),
+    Call("one user, client sent a traceparent", "/api/users/2", 3 + PHASES,
          (("traceparent", f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"),)),
-    Call("unknown user (404 from the service)", "/api/users/999", 3),
-    Call("no route (404 from Envoy)", "/no/such/route", 1),
-    Call("upstream error (503)", "/status/503", 2),
+    Call(f"through a slow filter (fault delay {DELAY_MS} ms: see filters)", DELAYED_PATH,
+         3 + PHASES),
+    Call("unknown user (404 from the service)", "/api/users/999", 3 + PHASES),
+    Call("no route (404 from Envoy)", "/no/such/route", 1 + 1),
+    Call("upstream error (503)", "/status/503", 2 + PHASES),
 )
-GRPC_SPANS = 2  # gateway + the gRPC service
+GRPC_SPANS = 2 + PHASES  # gateway + the gRPC service
 GATEWAY = "extproc-otel"
+SIDECAR_ENV = {"EXTPROC_STREAM__PHASE_SPANS": "true"}
+FAULT: Final = "envoy.filters.http.fault"
+FAULT_TYPE: Final = "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault"
+WARMUP_PATH: Final = "/warmup"
+
+
+def demo_routes(config: Config) -> None:
+    """envoy.yaml plus Envoy's fault filter after ext_proc, delaying one route
+    (`DELAYED_PATH`), and an untraced route for the warm-up."""
+    hcm = hcm_of(config)
+    filters = hcm["http_filters"]
+    filters.insert(len(filters) - 1, {"name": FAULT, "typed_config": {"@type": FAULT_TYPE}})
+    delay = {"@type": FAULT_TYPE, "delay": {"fixed_delay": f"{DELAY_MS / 1000}s",
+                                            "percentage": {"numerator": 100}}}
+    per_route = {"@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3."
+                 "ExtProcPerRoute"}
+    hcm["route_config"]["virtual_hosts"][0]["routes"][:0] = [
+        {"name": "delayed_users", "match": {"path": DELAYED_PATH},
+         "route": {"cluster": "users", "prefix_rewrite": "/api/users"},
+         "typed_per_filter_config": {FAULT: delay, "envoy.filters.http.ext_proc": {
+             **per_route, "overrides": {"grpc_initial_metadata": [
+                 {"key": "x-extproc-otel-http-route", "value": DELAYED_PATH}]}}}},
+        {"name": "warmup", "match": {"path": WARMUP_PATH},
+         "route": {"cluster": "users", "prefix_rewrite": "/healthz"},
+         "typed_per_filter_config": {"envoy.filters.http.ext_proc": {
+             **per_route, "disabled": True}}},
+    ]
+
+
+def _warm_up(stack: Stack) -> None:
+    """Phase spans come from Envoy's access log, whose stream Envoy opens with its first
+    entry: send an untraced request and wait for the sidecar to have read its entry."""
+    request_id = str(uuid.uuid4())
+    _http(stack, Call("warm-up", WARMUP_PATH, 0, (("x-request-id", request_id),)))
+    wait_until(lambda: any(line.get("request_id") == request_id
+                           for line in stack.sidecar_lines()), 15, "Envoy's access log")
 
 
 def _http(stack: Stack, call: Call) -> int:
@@ -108,10 +152,11 @@ def run(keep_running: bool) -> int:
         receiver.start()
         endpoint = receiver.endpoint
     with tempfile.TemporaryDirectory(prefix="extproc-demo-") as tmp:
-        stack = Stack(Path(tmp), endpoint)
+        stack = Stack(Path(tmp), endpoint, mutate_config=demo_routes, sidecar_env=SIDECAR_ENV)
         print("starting Envoy, the extproc-otel sidecar and the demo services ...", flush=True)
         with stack:
             print(f"Envoy listening on {stack.base_url}  (admin :{stack.ports.admin})\n")
+            _warm_up(stack)
             for call in HTTP_CALLS:
                 print(f"  GET {call.path:<18} {_http(stack, call)}  {call.label}")
             print(f"  gRPC demo.v1.Users/GetUser  {_grpc(stack)}")

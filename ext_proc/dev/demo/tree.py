@@ -19,8 +19,8 @@ from ext_proc.dev.demo.receiver import ReceivedSpan
 
 KINDS: Final = {0: "UNSPECIFIED", 1: "INTERNAL", 2: "SERVER", 3: "CLIENT", 4: "PRODUCER",
                 5: "CONSUMER"}
-KEY_ATTRIBUTES: Final = ("http.response.status_code", "url.path", "rpc.grpc.status_code",
-                         "db.operation.name")
+KEY_ATTRIBUTES: Final = ("envoy.phase", "http.response.status_code", "url.path",
+                         "rpc.grpc.status_code", "db.operation.name", "error.type")
 STATUS_ERROR: Final = 2
 STATUS_OK: Final = 1
 MESSAGE_KEYS: Final = ("msg", "message")
