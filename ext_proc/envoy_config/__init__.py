@@ -5,8 +5,10 @@ a misspelt field name fails here instead of in a user's Envoy. Formats:
 
 ``bootstrap``      a complete, runnable Envoy bootstrap (listener, routes, clusters)
 ``snippet``        the pieces to paste into an existing bootstrap
-``istio``          an Istio ``EnvoyFilter`` (ingress gateway or sidecar variant)
-``envoy-gateway``  Envoy Gateway ``EnvoyProxy`` + ``EnvoyExtensionPolicy``
+``istio``          an Istio ``EnvoyFilter`` (ingress gateway or sidecar variant), with the
+                   ``ServiceEntry`` + ``Telemetry`` that send Envoy's access log to the
+                   sidecar; the mesh-config provider they need is in the leading comment
+``envoy-gateway``  Envoy Gateway ``EnvoyProxy`` (with the access log) + ``EnvoyExtensionPolicy``
 """
 
 from __future__ import annotations
@@ -35,7 +37,15 @@ from ext_proc.envoy_config.builders import (
     snippet,
     to_dict,
 )
-from ext_proc.envoy_config.mesh import envoy_gateway, istio_envoy_filter
+from ext_proc.envoy_config.mesh import (
+    envoy_gateway,
+    istio,
+    istio_envoy_filter,
+    istio_mesh_comment,
+    istio_mesh_config,
+    istio_operator,
+    join_fields,
+)
 from ext_proc.envoy_config.prefilter import PREFILTER_METADATA, comment, plan_for, unwrap
 
 __all__ = [
@@ -51,7 +61,11 @@ __all__ = [
     "bootstrap",
     "envoy_gateway",
     "ext_proc_filter",
+    "istio",
     "istio_envoy_filter",
+    "istio_mesh_config",
+    "istio_operator",
+    "join_fields",
     "options_for",
     "per_route_config",
     "plan_for",
@@ -75,12 +89,14 @@ def render(fmt: Format, settings: Settings, opts: EnvoyConfigOptions) -> str:
     elif fmt == "snippet":
         docs = [snippet(settings, opts)]
     elif fmt == "istio":
-        docs = [istio_envoy_filter(settings, opts)]
+        docs = istio(settings, opts)
     elif fmt == "envoy-gateway":
         docs = envoy_gateway(settings, opts)
     else:
         raise ValueError(f"unknown format {fmt!r}: use one of {', '.join(FORMATS)}")
     head = comment(plan_for(settings), carried=fmt != "envoy-gateway")
+    if fmt == "istio":
+        head += istio_mesh_comment(opts)
     return head + yaml.dump_all(docs, Dumper=_Dumper, sort_keys=False)
 
 

@@ -26,9 +26,10 @@ K8S: Final = ROOT / "envoy" / "k8s"
 MANIFEST_DIRS: Final = (K8S, ROOT / "envoy" / "istio", ROOT / "envoy" / "envoy-gateway")
 # Custom resources: no schema in kubernetes-validate; validated against their CRDs by
 # tests/unit/deploy/test_deploy_mesh_schemas.py (which fails on a kind with no vendored CRD).
-MESH_KINDS: Final = frozenset({"EnvoyFilter", "EnvoyProxy", "EnvoyExtensionPolicy"})
-# kustomize's build file, never sent to the API server.
-BUILD_KINDS: Final = frozenset({"Kustomization"})
+MESH_KINDS: Final = frozenset({"EnvoyFilter", "ServiceEntry", "Telemetry", "EnvoyProxy",
+                               "EnvoyExtensionPolicy"})
+# kustomize's build file and istioctl's install overlay, never sent to the API server.
+BUILD_KINDS: Final = frozenset({"Kustomization", "IstioOperator"})
 _VAR_REF: Final = re.compile(r"\$\((\w+)\)")
 
 
@@ -184,4 +185,33 @@ def test_envoy_gateway_policy_points_at_the_sidecar_service() -> None:
     attrs = ext["processingMode"]["request"]["attributes"]
     assert all(EG_ATTRIBUTE.match(a) for a in attrs)
     assert set(attrs) == {a for a in EnvoyAttr.REQUEST if EG_ATTRIBUTE.match(a)}
-    assert _by_kind("EnvoyProxy", eg)
+    (proxy,) = _by_kind("EnvoyProxy", eg)
+    # the access log goes to the same Service (a backendRef without a namespace would be
+    # looked up in the EnvoyProxy's own namespace)
+    (als,) = [s["als"] for setting in proxy["spec"]["telemetry"]["accessLog"]["settings"]
+              for s in setting["sinks"] if s["type"] == "ALS"]
+    (log_ref,) = als["backendRefs"]
+    assert (log_ref["name"], log_ref["namespace"], log_ref["port"]) == (
+        ref["name"], service["metadata"]["namespace"], ref["port"])
+
+
+def test_istio_access_log_reaches_the_sidecar_container_beside_envoy() -> None:
+    """The ServiceEntry the extension provider names points at the sidecar's address in
+    the pod (the EnvoyFilter's cluster), in the namespace of the workloads it serves."""
+    istio = ROOT / "envoy" / "istio"
+    (operator,) = _by_kind("IstioOperator", istio)
+    (provider,) = operator["spec"]["meshConfig"]["extensionProviders"]
+    for path in sorted(istio.glob("envoyfilter-*.yaml")):
+        docs = {d["kind"]: d for d in _docs(path)}
+        entry, telemetry = docs["ServiceEntry"], docs["Telemetry"]
+        assert provider["envoyHttpAls"]["service"] in entry["spec"]["hosts"], path.name
+        assert [p["number"] for p in entry["spec"]["ports"]] == [provider["envoyHttpAls"]["port"]]
+        (cluster,) = [p["patch"]["value"] for p in docs["EnvoyFilter"]["spec"]["configPatches"]
+                      if p["applyTo"] == "CLUSTER"]
+        sock = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"][
+            "address"]["socket_address"]
+        assert entry["spec"]["endpoints"] == [{"address": sock["address"]}]
+        assert sock["port_value"] == provider["envoyHttpAls"]["port"]
+        assert {entry["metadata"]["namespace"], telemetry["metadata"]["namespace"]} == {
+            docs["EnvoyFilter"]["metadata"]["namespace"]}
+        assert telemetry["spec"]["accessLogging"][0]["providers"] == [{"name": provider["name"]}]

@@ -53,9 +53,13 @@ Doc = dict[str, Any]
 
 CRDS: Final = ROOT / "tests" / "data" / "crds"
 _SKIP_DIRS: Final = {".venv", ".git", "_gen", "node_modules", "build", "dist", "data"}
-# kustomize's own build file: read by kustomize, never sent to the API server.
-NOT_API_GROUPS: Final = frozenset({"kustomize.config.k8s.io"})
-SHIPPED_KINDS: Final = frozenset({"EnvoyFilter", "EnvoyProxy", "EnvoyExtensionPolicy"})
+# kustomize's own build file: read by kustomize, never sent to the API server; istioctl's
+# install overlay (IstioOperator: envoy/istio/meshconfig.yaml), read by istioctl since Istio
+# removed the in-cluster operator (its meshConfig is checked against Istio's proto by
+# tests/unit/deploy/test_deploy_mesh_access_log.py).
+NOT_API_GROUPS: Final = frozenset({"kustomize.config.k8s.io", "install.istio.io"})
+SHIPPED_KINDS: Final = frozenset({"EnvoyFilter", "ServiceEntry", "Telemetry", "EnvoyProxy",
+                                  "EnvoyExtensionPolicy"})
 _LABEL: Final = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
 _DNS_SUBDOMAIN: Final = re.compile(rf"^{_LABEL}(\.{_LABEL})*$")
 _DNS_LABEL: Final = re.compile(rf"^{_LABEL}$")
@@ -275,6 +279,17 @@ def _ext_proc(doc: Doc) -> Doc:
     return entry
 
 
+def _logging(doc: Doc) -> Doc:
+    entry: Doc = doc["spec"]["accessLogging"][0]
+    return entry
+
+
+def _als(doc: Doc) -> Doc:
+    sink: Doc = doc["spec"]["telemetry"]["accessLog"]["settings"][0]["sinks"][0]
+    assert sink["type"] == "ALS"
+    return sink
+
+
 # name: (file, kind, how it is broken, what the error names)
 _UNKNOWN_FIELDS: Final[dict[str, tuple[str, str, Callable[[Doc], None], str]]] = {
     "configPatchs": (_INGRESS, "EnvoyFilter",
@@ -295,6 +310,22 @@ _UNKNOWN_FIELDS: Final[dict[str, tuple[str, str, Callable[[Doc], None], str]]] =
         requestAttributes=["request.id"]), "requestAttributes"),
     "bootstrap valu": (_EG, "EnvoyProxy", lambda d: _rename(d["spec"]["bootstrap"], "value",
                                                             "valu"), "valu"),
+    "ServiceEntry endpoint adress": (_INGRESS, "ServiceEntry", lambda d: _rename(
+        d["spec"]["endpoints"][0], "address", "adress"), "adress"),
+    "ServiceEntry exportto": (_INGRESS, "ServiceEntry", lambda d: _rename(
+        d["spec"], "exportTo", "exportto"), "exportto"),
+    "Telemetry accessLoging": (_INGRESS, "Telemetry", lambda d: _rename(
+        d["spec"], "accessLogging", "accessLoging"), "accessLoging"),
+    "Telemetry provider": (_INGRESS, "Telemetry", lambda d: _rename(
+        _logging(d), "providers", "provider"), "provider"),
+    "ALS backendrefs": (_EG, "EnvoyProxy", lambda d: _rename(_als(d)["als"], "backendRefs",
+                                                             "backendrefs"), "backendrefs"),
+    "ALS logname": (_EG, "EnvoyProxy", lambda d: _rename(_als(d)["als"], "logName", "logname"),
+                    "logname"),
+    "ALS http requestTrailers": (_EG, "EnvoyProxy", lambda d: _als(d)["als"]["http"].update(
+        requestTrailers=["x"]), "requestTrailers"),
+    "telemetry accessLogs": (_EG, "EnvoyProxy", lambda d: _rename(
+        d["spec"]["telemetry"], "accessLog", "accessLogs"), "accessLogs"),
 }
 _BAD_VALUES: Final[dict[str, tuple[str, str, Callable[[Doc], None], str]]] = {
     "applyTo enum": (_INGRESS, "EnvoyFilter", lambda d: _filter(d).update(applyTo="HTTP_FILTERS"),
@@ -318,6 +349,17 @@ _BAD_VALUES: Final[dict[str, tuple[str, str, Callable[[Doc], None], str]]] = {
                        lambda d: d.update(apiVersion="networking.istio.io/v1beta1"), "v1beta1"),
     "metadata name": (_EG, "EnvoyProxy", lambda d: d["metadata"].update(name="ExtProc_OTel"),
                       "DNS-1123"),
+    "Telemetry mode enum": (_INGRESS, "Telemetry",
+                            lambda d: _logging(d)["match"].update(mode="SERVERS"), "SERVERS"),
+    "ServiceEntry resolution enum": (_INGRESS, "ServiceEntry",
+                                     lambda d: d["spec"].update(resolution="static"), "static"),
+    "ServiceEntry port type": (_INGRESS, "ServiceEntry", lambda d: d["spec"]["ports"][0].update(
+        number="50051"), "'50051' is not of type"),
+    "ALS sink type enum": (_EG, "EnvoyProxy", lambda d: _als(d).update(type="Als"), "Als"),
+    "ALS log type enum": (_EG, "EnvoyProxy", lambda d: _als(d)["als"].update(type="Http"),
+                          "Http"),
+    "ALS backend port range": (_EG, "EnvoyProxy", lambda d: _als(d)["als"]["backendRefs"][
+        0].update(port=70000), "70000"),
 }
 
 

@@ -112,15 +112,17 @@ def test_envoy_gateway_keeps_only_attributes_it_accepts() -> None:
                                               ("sidecar", "SIDECAR_INBOUND")])
 def test_istio_variants(context: str, expected: str) -> None:
     settings = Settings()
-    (doc,) = _docs(render("istio", settings, options_for(settings, istio_context=context)))
-    assert doc["kind"] == "EnvoyFilter"
+    docs = _docs(render("istio", settings, options_for(settings, istio_context=context)))
+    assert [d["kind"] for d in docs] == ["EnvoyFilter", "ServiceEntry", "Telemetry"]
+    doc = docs[0]
     patches = doc["spec"]["configPatches"]
     assert [p["applyTo"] for p in patches] == ["HTTP_FILTER", "CLUSTER", "HTTP_ROUTE"]
     assert patches[0]["match"]["context"] == expected
     assert patches[0]["patch"]["operation"] == "INSERT_BEFORE"
-    # no access-log join in a mesh: Envoy must send every response phase
+    # lean, as the Telemetry brings the access log to the sidecar (see
+    # tests/unit/deploy/test_deploy_mesh_access_log.py)
     mode = unwrap(patches[0]["patch"]["value"])["processing_mode"]
-    assert (mode["response_header_mode"], mode["response_trailer_mode"]) == ("SEND", "SEND")
+    assert (mode["response_header_mode"], mode["response_trailer_mode"]) == ("SKIP", "SKIP")
     assert patches[0]["match"]["listener"]["filterChain"]["filter"]["subFilter"]["name"] == (
         "envoy.filters.http.router")
 
@@ -168,11 +170,14 @@ def test_bootstrap_and_snippet_send_envoys_access_log_to_the_sidecar() -> None:
     ("envoy/istio/envoyfilter-ingressgateway.yaml", "gateway"),
     ("envoy/istio/envoyfilter-sidecar.yaml", "sidecar")])
 def test_shipped_istio_filters_are_what_envoy_config_prints(path: str, context: str) -> None:
-    """The shipped EnvoyFilters are regenerated whenever the generator changes (they
-    carry the prefilter of the default settings); only the namespace is added."""
+    """The shipped EnvoyFilters (with their ServiceEntry and Telemetry) are regenerated
+    whenever the generator changes (they carry the prefilter of the default settings);
+    only the namespace is added."""
     from ext_proc.dev.devstack import ROOT
 
-    shipped = yaml.safe_load((ROOT / path).read_text())
-    shipped["metadata"].pop("namespace")
+    shipped = _docs((ROOT / path).read_text())
+    for doc in shipped:
+        doc["metadata"].pop("namespace")
     printed = render("istio", Settings(), options_for(Settings(), istio_context=context))
-    assert shipped == yaml.safe_load(printed)
+    assert shipped == _docs(printed)
+    assert len(shipped) == 3
