@@ -113,3 +113,20 @@ def test_otlp_logs_get_access_lines_too(configured: io.StringIO) -> None:
                 for line in configured.getvalue().splitlines()] == ["req-1"]
     finally:
         pipeline.shutdown()
+
+
+def test_line_numbers_and_timestamp_are_what_json_and_datetime_write() -> None:
+    import json as _json
+    import math
+    from datetime import UTC, datetime
+
+    from ext_proc.telemetry.access_lines import _number, timestamp
+    for value in (0.0, 1.5, 0.123, 1e-7, 123456789.125, 1e22, -0.0, math.inf, math.nan):
+        assert _number(value) == _json.dumps(value)
+    before = datetime.now(UTC)
+    stamp = timestamp()
+    after = datetime.now(UTC)
+    assert len(stamp) == len(before.isoformat(timespec="microseconds"))
+    assert stamp.endswith("+00:00")
+    parsed = datetime.fromisoformat(stamp)
+    assert before.replace(microsecond=0) <= parsed <= after
