@@ -147,12 +147,13 @@ def build_metrics(
     if spans is not None:
         spans.observe(meter)
     red = RedMetrics(meter, settings, exemplar_filter) if enabled else None
-    if red is not None:  # its histograms join every reader's collection
-        attach(all_readers, red.tables, resource,
-               InstrumentationScope(METER_NAME, ext_proc.__version__))
+    runtime = RuntimeMetrics(meter) if settings.self_telemetry else None
+    tables = (*(red.tables if red else ()), *(runtime.tables if runtime else ()))
+    # the tables' histograms join every reader's collection
+    attach(all_readers, tables, resource, InstrumentationScope(METER_NAME, ext_proc.__version__))
     return Metrics(
         provider=provider, meter=meter,
         red=red,
-        runtime=RuntimeMetrics(meter) if settings.self_telemetry else None,
+        runtime=runtime,
         spans=spans, pull=pull_reader, readers=all_readers,
     )

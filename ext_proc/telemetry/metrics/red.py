@@ -128,20 +128,16 @@ class RuntimeMetrics:
 
     def __init__(self, meter: Meter) -> None:
         self._meter = meter
-        self._phase = meter.create_histogram(
-            PHASE_DURATION, unit="s",
-            description="Time the sidecar spent answering one ext_proc message, by phase.",
-            explicit_bucket_boundaries_advisory=PHASE_BUCKETS,
-        )
-        self._phase_attrs: dict[str, dict[str, str]] = {}
+        self._phase = HistogramTable(
+            PHASE_DURATION, "s",
+            "Time the sidecar spent answering one ext_proc message, by phase.",
+            PHASE_BUCKETS, exemplars="always_off")  # no span to point at
+        self.tables = (self._phase,)
 
     def phase_done(self, phase: str | None, elapsed_ns: int) -> None:
         """Record one answered message (call after the answer is written)."""
         name = phase or "unknown"
-        attrs = self._phase_attrs.get(name)
-        if attrs is None:
-            attrs = self._phase_attrs.setdefault(name, {PHASE: name})
-        self._phase.record(elapsed_ns / 1e9, attrs)
+        self._phase.record(name, elapsed_ns / 1e9, lambda: {PHASE: name})
 
     def observe_streams(self, active: Callable[[], int]) -> None:
         def callback(_options: CallbackOptions) -> Iterable[Observation]:
