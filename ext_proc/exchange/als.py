@@ -174,6 +174,9 @@ class AccessLogService(pb_grpc.AccessLogServiceServicer):
         self.entries = 0  # final HTTP entries handed to on_entry
         self.unasked = 0  # final HTTP entries handed to on_unasked
         self.ignored = 0  # entries without a request id, or not final
+        # entries of exchanges we were asked about whose answer Envoy did not take (no
+        # metadata of ours: message_timeout): Envoy is timing out on the sidecar
+        self.answers_dropped = 0
         self.streams = 0  # open ALS streams (one per Envoy worker and log config)
         self.connected = False  # an ALS stream has been seen: Envoy sends us its log
 
@@ -219,7 +222,10 @@ class AccessLogService(pb_grpc.AccessLogServiceServicer):
         if self._namespace in common.metadata.filter_metadata or not _is_final(common):
             return False
         request_id = entry.request.request_id
-        return not (request_id and self._awaited is not None and self._awaited(request_id))
+        if request_id and self._awaited is not None and self._awaited(request_id):
+            self.answers_dropped += 1
+            return False
+        return True
 
     async def StreamAccessLogs(
         self,

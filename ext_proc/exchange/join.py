@@ -30,6 +30,13 @@ class AccessLogJoin:
     first entry it logs, so before that exchanges wait just the same; if no stream has
     come `probe_s` after the first exchange, Envoy is taken not to send one: waiting
     exchanges finish, and later ones finish at once (until a stream does come).
+
+    In overload (Envoy timed out on the sidecar in the last `OVERLOAD_WINDOW_S`: an
+    entry came without our answer's metadata), Envoy also drops access-log entries
+    (``logs_dropped``), so an exchange that closes then waits `OVERLOAD_WAIT_S`, not
+    `response_wait_s`: one whose entry was dropped stops counting as an active request
+    soon after the overload. The price: a request of that time running longer ends
+    without Envoy's facts, and its late entry is counted as un-asked (twice).
     """
 
     def __init__(self, timeout_s: float, response_wait_s: float,
@@ -40,6 +47,13 @@ class AccessLogJoin:
         self.finalizer = SpanFinalizer(loop_time, timeout_s, on_finished=self._finished)
         self.awaiting = SpanFinalizer(loop_time, response_wait_s, max_kept=0,
                                       on_finished=self._finished)
+        # the same, for exchanges that closed while Envoy was timing out on the sidecar:
+        # then Envoy also drops access-log entries (logs_dropped), and an exchange waiting
+        # for a dropped one would count as an active request for response_wait_s
+        self.hurried = SpanFinalizer(loop_time, min(response_wait_s, self.OVERLOAD_WAIT_S),
+                                     max_kept=0, on_finished=self._finished)
+        self._overload_until = float("-inf")
+        self._dropped_seen = 0
         # `unasked`: entries of requests Envoy did not ask us about (exchange/unasked.py)
         self._unasked = unasked
         self.service = AccessLogService(
@@ -67,6 +81,18 @@ class AccessLogJoin:
             if len(self._open) > self.MAX_OPEN:
                 del self._open[next(iter(self._open))]
 
+    OVERLOAD_WAIT_S: Final = 10.0  # the wait for an entry, in overload
+    OVERLOAD_WINDOW_S: Final = 10.0  # overload lasts this long after its last sign
+
+    def overloaded(self) -> bool:
+        """Whether Envoy timed out on the sidecar lately: an entry came for an exchange
+        without our answer's metadata (or before the exchange was read)."""
+        dropped = self.service.answers_dropped
+        if dropped != self._dropped_seen:
+            self._dropped_seen = dropped
+            self._overload_until = self._now() + self.OVERLOAD_WINDOW_S
+        return self._now() < self._overload_until
+
     MAX_RECENT: Final = 16_384  # un-asked entries remembered (~2 s at 8,000 req/s)
 
     def _count_unasked(self, entries: list[log_pb.HTTPAccessLogEntry]) -> None:
@@ -83,8 +109,10 @@ class AccessLogJoin:
         self._open.pop(request_id, None)
         counted = self._recent.pop(request_id, None)
         if counted is not None:  # its entry came first, and was counted as un-asked
+            self._overload_until = self._now() + self.OVERLOAD_WINDOW_S
             finish(final_facts(counted))
             return
+        awaiting = self.hurried if self.overloaded() else self.awaiting
         if not self.service.connected:
             now = self._now()
             if self._probe_until is None:
@@ -96,7 +124,7 @@ class AccessLogJoin:
             elif responded:
                 self.finalizer.defer(request_id, finish)  # the first entry opens the stream
             else:
-                self.awaiting.defer(request_id, finish)  # e.g. lean: the request runs on
+                awaiting.defer(request_id, finish)  # e.g. lean: the request runs on
         elif responded:
             self.finalizer.defer(request_id, finish)
         else:
@@ -104,7 +132,7 @@ class AccessLogJoin:
             if early is not None:
                 finish(early)
             else:
-                self.awaiting.defer(request_id, finish)
+                awaiting.defer(request_id, finish)
 
     def _arm_probe(self) -> None:
         try:
@@ -118,21 +146,24 @@ class AccessLogJoin:
         end would wait `response_wait_s` for nothing; finish them now."""
         if not self.service.connected:
             self.awaiting.flush()
+            self.hurried.flush()
             self._finished()
 
     def awaited(self, request_id: str) -> bool:
         """Whether an exchange, open or closed, waits for this request's entry."""
         return (request_id in self._open or self.awaiting.is_parked(request_id)
-                or self.finalizer.is_parked(request_id))
+                or self.hurried.is_parked(request_id) or self.finalizer.is_parked(request_id))
 
     def deliver(self, facts: FinalFacts) -> None:
         if self.awaiting.is_parked(facts.request_id):
             self.awaiting.deliver(facts)
+        elif self.hurried.is_parked(facts.request_id):
+            self.hurried.deliver(facts)
         else:
             self.finalizer.deliver(facts)  # finishes a parked exchange, or keeps the entry
 
     def pending(self) -> int:
-        return self.finalizer.pending() + self.awaiting.pending()
+        return self.finalizer.pending() + self.awaiting.pending() + self.hurried.pending()
 
     async def settled(self) -> None:
         """Return once no exchange waits for its entry: on shutdown, the requests still
@@ -149,3 +180,4 @@ class AccessLogJoin:
     def flush(self) -> None:
         self.finalizer.flush()
         self.awaiting.flush()
+        self.hurried.flush()

@@ -106,3 +106,54 @@ async def test_no_stream_within_the_probe_releases_the_running_requests() -> Non
     clock.now += 11.0
     join.defer("b", got.append, responded=False)  # the probe has expired: no access log
     assert got == [None, None] and join.pending() == 0
+
+
+def entry_without_our_answer(request_id: str) -> object:
+    """An ALS message with one final entry that carries no metadata of ours (Envoy gave
+    up on the sidecar's answer: message_timeout)."""
+    from ext_proc._gen.envoy.service.accesslog.v3 import als_pb2 as pb
+    message = pb.StreamAccessLogsMessage()
+    entry = message.http_logs.log_entry.add()
+    entry.request.request_id = request_id
+    entry.response.response_code.value = 200
+    return message
+
+
+async def test_in_overload_a_closed_exchange_waits_only_overload_wait_s() -> None:
+    clock = Clock()
+    join = AccessLogJoin(1.0, 300.0, clock, unasked=lambda entries: None)
+    join.service.connected = True
+    got: list[FinalFacts | None] = []
+    join.defer("calm", got.append, responded=False)  # no sign of overload: the long wait
+    assert join.awaiting.is_parked("calm") and not join.overloaded()
+    join.opened("timed-out")
+    join.service.handle(entry_without_our_answer("timed-out"))  # Envoy dropped our answer
+    assert join.service.answers_dropped == 1 and join.overloaded()
+    join.defer("lost", got.append, responded=False)  # its entry may be dropped too
+    assert join.hurried.is_parked("lost") and not join.awaiting.is_parked("lost")
+    assert join.awaited("lost") and join.pending() == 2
+    clock.now += AccessLogJoin.OVERLOAD_WAIT_S + 0.1
+    join.hurried._on_timer()  # what the loop's timer runs
+    join.awaiting._on_timer()
+    assert got == [None]  # "lost" ended; "calm" still waits for its request's end
+    assert join.awaiting.is_parked("calm")
+    assert not join.overloaded()  # the window closed: later exchanges wait as before
+    join.defer("after", got.append, responded=False)
+    assert join.awaiting.is_parked("after")
+    join.deliver(facts("calm"))
+    assert got[-1] == facts("calm")
+    join.flush()
+
+
+async def test_an_entry_that_beat_its_exchange_is_a_sign_of_overload() -> None:
+    clock = Clock()
+    counted: list[object] = []
+    join = AccessLogJoin(1.0, 300.0, clock, unasked=counted.extend)
+    join.service.connected = True
+    join.service.handle(entry_without_our_answer("first"))  # no exchange open yet
+    assert len(counted) == 1 and not join.overloaded()  # un-asked, as far as we know
+    got: list[FinalFacts | None] = []
+    join.defer("first", got.append, responded=False)  # it was asked, answered too late
+    assert got and got[0] is not None and got[0].request_id == "first"
+    assert join.overloaded()
+    join.flush()
