@@ -87,11 +87,11 @@ class AccessLogJoin:
     def overloaded(self) -> bool:
         """Whether Envoy timed out on the sidecar lately: an entry came for an exchange
         without our answer's metadata (or before the exchange was read)."""
-        dropped = self.service.answers_dropped
+        now, dropped = self._now(), self.service.answers_dropped
         if dropped != self._dropped_seen:
             self._dropped_seen = dropped
-            self._overload_until = self._now() + self.OVERLOAD_WINDOW_S
-        return self._now() < self._overload_until
+            self._overload_until = now + self.OVERLOAD_WINDOW_S
+        return now < self._overload_until
 
     MAX_RECENT: Final = 16_384  # un-asked entries remembered (~2 s at 8,000 req/s)
 

@@ -242,7 +242,7 @@ def merge(data: MetricsData | None, metrics: list[Metric], resource: Resource,
         return data
     resources = list(data.resource_metrics) if data is not None else []
     for i, rm in enumerate(resources):
-        if rm.resource is not resource and rm.resource != resource:
+        if rm.resource != resource:
             continue
         scopes = list(rm.scope_metrics)
         for j, sm in enumerate(scopes):
