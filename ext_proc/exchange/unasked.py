@@ -124,6 +124,13 @@ class UnaskedRequests:
             duration_s = common.duration.seconds + common.duration.nanos / 1e9
         else:
             duration_s = 0.0
+        upstream_s: float | None = None
+        if common.HasField("time_to_first_upstream_tx_byte") \
+                and common.HasField("time_to_last_upstream_rx_byte"):
+            first, last = common.time_to_first_upstream_tx_byte, \
+                common.time_to_last_upstream_rx_byte
+            upstream_s = max(0.0, (last.seconds - first.seconds)
+                             + (last.nanos - first.nanos) / 1e9)
         flags = (response_flag_codes(common.response_flags)
                  if common.HasField("response_flags") else ())
         number = request.request_method
@@ -147,6 +154,7 @@ class UnaskedRequests:
                   else raw_path.partition("?")[0]) if raw_path else None,
             request_id=request.request_id or None,
             response_body_size=body,
+            upstream_s=upstream_s,
         )
 
     def handle(self, entries: Sequence[log_pb.HTTPAccessLogEntry]) -> None:

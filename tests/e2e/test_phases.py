@@ -34,6 +34,7 @@ from ext_proc.dev.devstack import (
 from tests.conftest import http_request
 from tests.e2e.conftest import (
     SERVER_KIND,
+    SIDECAR_SERVICE,
     STATUS_ERROR,
     gateway_spans,
     route_with_options,
@@ -222,6 +223,32 @@ def test_each_phase_lasts_what_was_injected(phased: tuple[Stack, OtlpReceiver, P
     assert "http.request.resend_count" not in client.attributes
     assert client.status_code != STATUS_ERROR
     assert {s.attributes["envoy.phase"] for s in phases.values()} == set(phases)
+
+
+def test_the_time_the_gateway_added_is_the_duration_without_the_upstream_phase(
+        phased: tuple[Stack, OtlpReceiver, Paced]) -> None:
+    """extproc.gateway.added_duration (#19, item 2): the fault filter's hold is what the
+    gateway added; the upstream's own time is not. Its exemplar names the request's span."""
+    stack, receiver, _ = phased
+    _, server = _traced(stack, receiver, f"/paced?head_ms={HEAD_MS}&body_ms={BODY_MS}",
+                        headers=[("x-phase-delay", "1")])
+
+    def exemplar() -> float | None:
+        for m in receiver.metrics():
+            if m.name != "extproc.gateway.added_duration" \
+                    or m.resource.get("service.name") != SIDECAR_SERVICE:
+                continue
+            for point in m.data_points:
+                for ex in point.exemplars:
+                    if (ex.trace_id, ex.span_id) == (server.trace_id, server.span_id):
+                        assert point.attributes["http.response.status_code"] == 200
+                        return ex.value if isinstance(ex.value, float) else None
+        return None
+    assert receiver.wait_for(lambda: exemplar() is not None, 15)
+    value = exemplar()
+    assert value is not None
+    added_ms = value * 1000
+    assert _near(added_ms, FAULT_MS), added_ms
 
 
 def test_a_route_with_phases_off_sends_the_server_span_upstream(

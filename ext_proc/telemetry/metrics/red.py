@@ -20,6 +20,7 @@ from ext_proc.telemetry.metrics.tables import HistogramTable
 REQUEST_DURATION: Final = "http.server.request.duration"
 ACTIVE_REQUESTS: Final = "http.server.active_requests"
 RESPONSE_BODY_SIZE: Final = "http.server.response.body.size"
+GATEWAY_ADDED: Final = "extproc.gateway.added_duration"
 PHASE_DURATION: Final = "extproc.phase.duration"
 ACTIVE_STREAMS: Final = "extproc.stream.active"
 REJECTED_HEADERS: Final = "extproc.propagation.rejected"
@@ -32,6 +33,10 @@ TENANT_ID: Final = "tenant.id"
 # The stable HTTP semantic conventions' advice for http.server.request.duration.
 DURATION_BUCKETS: Final = (
     0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+)
+# The time the gateway adds: sub-millisecond when healthy, seconds behind a slow client.
+ADDED_BUCKETS: Final = (
+    0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 )
 # ext_proc phases take micro- to milliseconds.
 PHASE_BUCKETS: Final = (
@@ -56,7 +61,15 @@ class RedMetrics:
         self._body = HistogramTable(
             RESPONSE_BODY_SIZE, "By", "Size of HTTP server response bodies.",
             limit=limit, exemplars=exemplars)
-        self.tables = (self._duration, self._body)
+        # The SLI "how much latency does the gateway add": duration minus the upstream
+        # phase, for requests whose upstream phase Envoy logged.
+        self._added = HistogramTable(
+            GATEWAY_ADDED, "s",
+            "Time the gateway added to HTTP server requests that reached an upstream: "
+            "the request's duration minus its upstream phase (first byte sent upstream to "
+            "last byte received), from Envoy's access log.", ADDED_BUCKETS,
+            limit=limit, exemplars=exemplars)
+        self.tables = (self._duration, self._body, self._added)
         # Counted in plain ints and observed at collection time: two SDK adds per
         # request cost ~30 us; this costs well under one.
         self._active: dict[str, int] = {}
@@ -121,6 +134,9 @@ class RedMetrics:
         self._duration.record(key, max(record.duration_s, 0.0), attributes, context)
         if record.response_body_size is not None:
             self._body.record(key, record.response_body_size, attributes, context)
+        if record.upstream_s is not None:
+            self._added.record(key, max(record.duration_s - record.upstream_s, 0.0),
+                               attributes, context)
 
 
 class RuntimeMetrics:

@@ -56,6 +56,9 @@ def entry(request_id: str = "r1", *, asked: bool = False, status: int | None = 2
             e.request.request_headers.update(value)
         elif key == "original_path":
             e.request.original_path = value
+        elif key == "upstream_ns":  # (first byte sent upstream, last byte received)
+            e.common_properties.time_to_first_upstream_tx_byte.FromNanoseconds(value[0])
+            e.common_properties.time_to_last_upstream_rx_byte.FromNanoseconds(value[1])
     return e
 
 
@@ -154,6 +157,16 @@ def test_record_of_an_unasked_entry() -> None:
     assert record.path == "/orig#redacted"  # as the client sent it, through the redactor
     assert (record.request_id, record.tenant, record.response_body_size) == ("r9", "acme", 42)
     assert record.span_context is INVALID_SPAN_CONTEXT and record.started is False
+
+
+def test_record_of_an_unasked_entry_has_its_upstream_phase() -> None:
+    unasked = UnaskedRequests([])
+    reached = unasked.record(entry("r1", upstream_ns=(1_200_000, 1_001_700_000)))
+    assert reached.upstream_s == pytest.approx(1.0005)
+    assert unasked.record(entry("r2")).upstream_s is None  # no upstream call logged
+    sent_only = entry("r3")  # sent upstream, never answered (a reset or timeout)
+    sent_only.common_properties.time_to_first_upstream_tx_byte.FromNanoseconds(1_000)
+    assert unasked.record(sent_only).upstream_s is None
 
 
 def test_record_without_redactor_tenant_or_response() -> None:

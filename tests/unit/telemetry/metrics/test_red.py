@@ -13,7 +13,9 @@ from ext_proc.request.seams import ExchangeRecord
 from ext_proc.telemetry.metrics.pipeline import Metrics, build_metrics
 from ext_proc.telemetry.metrics.red import (
     ACTIVE_REQUESTS,
+    ADDED_BUCKETS,
     DURATION_BUCKETS,
+    GATEWAY_ADDED,
     REQUEST_DURATION,
     RESPONSE_BODY_SIZE,
 )
@@ -70,6 +72,30 @@ def test_response_body_size_when_envoys_access_log_reported_it() -> None:
     (point,) = m.data.data_points
     assert isinstance(point, HistogramDataPoint)
     assert point.count == 1 and point.sum == 1234
+
+
+def test_gateway_added_duration_is_duration_minus_the_upstream_phase() -> None:
+    metrics, reader = built()
+    assert metrics.red is not None
+    metrics.red.stream_finished(record(duration=0.5))  # no upstream phase logged: none
+    reached = ExchangeRecord("GET", "/api/users", 200, None, 0.120, SAMPLED, upstream_s=0.100)
+    metrics.red.stream_finished(reached)
+    # another clock than the duration's: never negative
+    metrics.red.stream_finished(ExchangeRecord("GET", "/api/users", 200, None, 0.099,
+                                               UNSAMPLED, upstream_s=0.100))
+    m = metric(reader, GATEWAY_ADDED)
+    assert m.unit == "s"
+    (point,) = m.data.data_points
+    assert isinstance(point, HistogramDataPoint)
+    assert tuple(point.explicit_bounds) == ADDED_BUCKETS
+    assert point.count == 2 and point.sum == pytest.approx(0.020)
+    assert point.min == 0.0 and point.max == pytest.approx(0.020)
+    assert dict(point.attributes or {}) == {
+        "http.request.method": "GET", "http.route": "/api/users",
+        "http.response.status_code": 200}
+    (exemplar,) = point.exemplars  # only the sampled one
+    assert (exemplar.trace_id, exemplar.span_id) == (TRACE_ID, SPAN_ID)
+    assert exemplar.value == pytest.approx(0.020)
 
 
 @pytest.mark.parametrize(("route", "expected"), [
