@@ -13,7 +13,10 @@ request, i.e. the most a change to our own code can win. Modes:
   stream (how the sidecar ran before direct calls);
 - ``aio``: the same servicer on grpc.aio (``server.engine: grpcio``);
 - ``aio-rw``: grpc.aio, ``context.read()``/``context.write()`` instead of iterators;
-- ``sync``: grpcio's thread-pool server.
+- ``sync``: grpcio's thread-pool server;
+- ``grpclib``: grpclib (a pure-Python asyncio gRPC server on the ``h2`` library, as
+  ours is) running the same upb messages: what a well-kept general-purpose server costs
+  where ``ext_proc.h2grpc`` is hand-written for this one call.
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ from ext_proc._gen.envoy.service.ext_proc.v3 import external_processor_pb2_grpc 
 from ext_proc.exchange.answers import empty_response
 
 PROCESS: Final = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
-MODES: Final = ("h2", "h2-task", "aio", "aio-rw", "sync")
+ACCESS_LOGS: Final = "/envoy.service.accesslog.v3.AccessLogService/StreamAccessLogs"
+MODES: Final = ("h2", "h2-task", "aio", "aio-rw", "sync", "grpclib")
 
 
 _BUSY_NS: Final = int(float(os.environ.get("ECHO_BUSY_US", "0")) * 1000)
@@ -101,6 +105,49 @@ class SyncDrain(als_pb2_grpc.AccessLogServiceServicer):
         return als_pb2.StreamAccessLogsResponse()
 
 
+class GrpclibEcho:
+    """The echo and the access-log drain as grpclib handlers (``__mapping__``)."""
+
+    @staticmethod
+    async def process(stream: Any) -> None:
+        async for request in stream:
+            await stream.send_message(_answer(request))
+
+    @staticmethod
+    async def drain(stream: Any) -> None:
+        async for _ in stream:
+            pass
+        await stream.send_message(als_pb2.StreamAccessLogsResponse())
+
+    def __mapping__(self) -> dict[str, Any]:
+        from grpclib.const import Cardinality, Handler
+        return {
+            PROCESS: Handler(self.process, Cardinality.STREAM_STREAM,
+                             pb.ProcessingRequest, pb.ProcessingResponse),
+            ACCESS_LOGS: Handler(self.drain, Cardinality.STREAM_UNARY,
+                                 als_pb2.StreamAccessLogsMessage,
+                                 als_pb2.StreamAccessLogsResponse),
+        }
+
+
+async def _until_signalled() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+async def _serve_grpclib(port: int) -> None:
+    from grpclib.server import Server
+    server = Server([GrpclibEcho()])
+    await server.start("127.0.0.1", port)
+    print('{"msg": "started"}', flush=True)
+    await _until_signalled()
+    server.close()
+    await server.wait_closed()
+
+
 async def _serve_aio(port: int, mode: str) -> None:
     server: grpc.aio.Server | h2grpc.Server = \
         h2grpc.Server() if mode.startswith("h2") else grpc.aio.server()
@@ -114,11 +161,7 @@ async def _serve_aio(port: int, mode: str) -> None:
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     print('{"msg": "started"}', flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await _until_signalled()
     await server.stop(0)
 
 
@@ -145,7 +188,7 @@ def main(argv: list[str]) -> None:
         _serve_sync(port)
     else:
         import uvloop
-        uvloop.run(_serve_aio(port, mode))
+        uvloop.run(_serve_grpclib(port) if mode == "grpclib" else _serve_aio(port, mode))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ Drives N exchanges through the sidecar as ``serve`` builds it (default settings,
 OTLP/gRPC export to a span counter in a child process), calling what the servicer
 calls (``handle``, ``record``, ``close``) with the messages the shipped (lean)
 envoy.yaml sends for a plain HTTP request, and Envoy's access log entry for each
-(``--full``: with the response headers message too, as envoy-full.yaml sends).
+(``--full``: with the response headers message too, as envoy-full.yaml sends;
+``--phases``: with ``stream.phase_spans`` on and Envoy's timings in each entry).
 Reports the process's CPU microseconds per exchange (the export thread included),
 and with ``--profile`` the top functions. ``make bench`` measures the whole; this
 isolates our part of it.
@@ -69,20 +70,37 @@ def _response() -> pb.ProcessingRequest:
     return req
 
 
+# Envoy's timings of a 900 us request (offsets from its start, ns), as it logs them
+_TIMINGS = (("time_to_last_rx_byte", 10_000), ("time_to_first_upstream_tx_byte", 150_000),
+            ("time_to_last_upstream_tx_byte", 160_000),
+            ("time_to_first_upstream_rx_byte", 700_000),
+            ("time_to_last_upstream_rx_byte", 750_000),
+            ("time_to_first_downstream_tx_byte", 800_000),
+            ("time_to_last_downstream_tx_byte", 900_000))
+
+
 def _log(request_ids: list[str]) -> als_pb2.StreamAccessLogsMessage:
     message = als_pb2.StreamAccessLogsMessage()
+    start = time.time_ns()
     for request_id in request_ids:
         entry = message.http_logs.log_entry.add()
         entry.request.request_id = request_id
         entry.response.response_code.value = 200
         entry.response.response_body_bytes = 3
-        entry.common_properties.duration.CopyFrom(duration_pb2.Duration(nanos=900_000))
-        entry.common_properties.access_log_type = log_pb.DownstreamEnd
+        common = entry.common_properties
+        common.duration.CopyFrom(duration_pb2.Duration(nanos=900_000))
+        common.access_log_type = log_pb.DownstreamEnd
+        common.start_time.FromNanoseconds(start)
+        for name, offset in _TIMINGS:
+            getattr(common, name).FromNanoseconds(offset)
+        common.upstream_remote_address.socket_address.address = "127.0.0.1"
+        common.upstream_remote_address.socket_address.port_value = 10001
     return message
 
 
-def drive(n: int, profile: bool, full: bool) -> tuple[float, float]:
-    settings = load_settings(server={"listen": "127.0.0.1:0"})
+def drive(n: int, profile: bool, full: bool, phases: bool = False) -> tuple[float, float]:
+    settings = load_settings(server={"listen": "127.0.0.1:0"},
+                             stream={"phase_spans": phases})
     with open(os.devnull, "w") as devnull:
         configure_logging(settings.log, devnull)  # JSON lines, as serve writes them
         try:
@@ -129,7 +147,8 @@ async def _drive(settings: Settings, n: int, profile: bool,
     return (time.process_time() - cpu) / n * 1e6, main_cpu / n * 1e6
 
 
-def measure(n: int, profile: bool = False, full: bool = False) -> tuple[float, float, int]:
+def measure(n: int, profile: bool = False, full: bool = False,
+            phases: bool = False) -> tuple[float, float, int]:
     """(CPU µs per exchange, of which on the loop's thread, spans the receiver got)."""
     receiver = subprocess.Popen([sys.executable, "-c", _RECEIVER], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, text=True)
@@ -139,7 +158,7 @@ def measure(n: int, profile: bool = False, full: bool = False) -> tuple[float, f
     os.environ.update({"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
                        "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc", "OTEL_METRICS_EXPORTER": "none"})
     try:
-        us, main_us = drive(n, profile, full)
+        us, main_us = drive(n, profile, full, phases)
     finally:
         os.environ.clear()
         os.environ.update(saved)
@@ -152,7 +171,7 @@ def measure(n: int, profile: bool = False, full: bool = False) -> tuple[float, f
 
 def main(argv: list[str]) -> None:
     n = int(next((a for a in argv if a.isdigit()), "20000"))
-    us, main_us, spans = measure(n, "--profile" in argv, "--full" in argv)
+    us, main_us, spans = measure(n, "--profile" in argv, "--full" in argv, "--phases" in argv)
     print(f"{us:.1f} µs CPU per exchange ({main_us:.1f} on the event loop's thread, the "
           f"rest in export threads) over {n} exchanges; spans received {spans}")
 

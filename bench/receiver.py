@@ -27,6 +27,7 @@ class SpanCounter:
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._spans = 0
+        self._servers = 0  # of them, SERVER spans (one per request, with phase spans too)
         self._exports = 0
         self._server: grpc.Server | None = None
         self._open = threading.Event()  # cleared: trace exports wait (a stalled collector)
@@ -58,9 +59,15 @@ class SpanCounter:
         with self._cond:
             return self._spans
 
-    def add(self, count: int) -> None:
+    @property
+    def server_spans(self) -> int:
+        with self._cond:
+            return self._servers
+
+    def add(self, count: int, servers: int = 0) -> None:
         with self._cond:
             self._spans += count
+            self._servers += servers
             self._exports += 1
             self._cond.notify_all()
 
@@ -91,14 +98,18 @@ class SpanCounter:
             return self._spans
 
 
+_SERVER: Final = 2  # Span.SpanKind.SPAN_KIND_SERVER
+
+
 class _Traces(trace_service_pb2_grpc.TraceServiceServicer):
     def __init__(self, counter: SpanCounter) -> None:
         self._counter = counter
 
     def Export(self, request: Any, context: Any) -> Any:
         self._counter.admit()
-        self._counter.add(sum(len(ss.spans) for rs in request.resource_spans
-                              for ss in rs.scope_spans))
+        spans = [s for rs in request.resource_spans for ss in rs.scope_spans
+                 for s in ss.spans]
+        self._counter.add(len(spans), sum(1 for s in spans if s.kind == _SERVER))
         return trace_service_pb2.ExportTraceServiceResponse()
 
 

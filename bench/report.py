@@ -140,7 +140,8 @@ def markdown(rows: Sequence[Row], machine: Machine, params: dict[str, Any]) -> s
         "workers included) divided by the requests wrk completed. Spans / expected / requests: "
         "summed over rounds, spans received after a flush, the spans zero loss means (every "
         "request; at 1 %, the requests whose x-request-id the policy samples; ~ for the "
-        "native tracer's random 1 %), and the requests Envoy received. A 1 % row's 'vs "
+        "native tracer's random 1 %), and the requests Envoy received (the phases row counts "
+        "SERVER spans: its phase spans come on top). A 1 % row's 'vs "
         "native tracer' is against the native tracer at 1 %. Failed open: "
         "ext_proc streams Envoy gave up on (failure_mode_allow), i.e. untraced requests.",
         "",

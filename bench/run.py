@@ -207,7 +207,7 @@ class Bench:
         opts = self.options
         rundir = self.workdir / f"round{round_no}-{variant}-{attempt}"
         rundir.mkdir()
-        spans_before = self.receiver.spans
+        spans_before, servers_before = self.receiver.spans, self.receiver.server_spans
         with self.started(variant, rundir) as running:
             envoy, sidecar, url, ports = running.envoy, running.sidecar, running.url, running.ports
             run_wrk(url, opts.warmup_seconds, rundir, threads=1, connections=4)
@@ -227,7 +227,10 @@ class Bench:
                 code = sidecar.stop(timeout=30)  # SIGTERM: drain, flush, exit
                 if code != 0:
                     raise RuntimeError(f"sidecar exited {code}:\n{sidecar.output()[-2000:]}")
-                if not variant.startswith("sidecar-1pct"):  # counted once Envoy has flushed
+                if variant == "sidecar-phases":  # up to 3 phase spans each: count SERVER
+                    self.receiver.wait_for(spans_before + 4 * requests, 5, settle=1)
+                    spans = self.receiver.server_spans - servers_before
+                elif not variant.startswith("sidecar-1pct"):  # counted once Envoy has flushed
                     spans = self.receiver.wait_for(spans_before + requests, 5, settle=1) \
                         - spans_before
             elif variant == "native":

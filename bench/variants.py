@@ -187,12 +187,13 @@ SIDECAR_AB: Final = {
     "sidecar-noexport": {"OTEL_TRACES_EXPORTER": "none"},
     "sidecar-als0": {},
     "sidecar-grpcio": {"EXTPROC_SERVER__ENGINE": "grpcio"},
+    "sidecar-phases": {"EXTPROC_STREAM__PHASE_SPANS": "true"},
 }
 # Opt-in rows: the floor, bench/echo.py (answers only) in a mode, behind the shipped
 # config or, with "-full", envoy-full.yaml.
 ECHO: Final = {"echo": "h2", "echo-full": "h2", "echo-task": "h2-task", "echo-grpcio": "aio",
                "echo-grpcio-full": "aio", "echo-rw": "aio-rw", "echo-sync": "sync",
-               "echo-sync-full": "sync", "echo-busy75": "h2"}
+               "echo-sync-full": "sync", "echo-busy75": "h2", "echo-grpclib": "grpclib"}
 # echo-busy75: 75 us of CPU per answered message (150 per request), about what our
 # own code costs per request (bench.hotpath): how much gRPC's share grows with it.
 ECHO_ENV: Final = {"echo-busy75": {"ECHO_BUSY_US": "75"}}

@@ -68,6 +68,21 @@ def test_bench_harness_counts_every_request_and_span(tmp_path: Path) -> None:
     assert (out / "latest.json").exists()
 
 
+def test_the_phases_and_grpclib_rows_serve_and_count(tmp_path: Path) -> None:
+    """sidecar-phases (#19) counts one SERVER span per request, its phase spans aside;
+    echo-grpclib (#20) answers every request on grpclib (none failed open)."""
+    options = BenchOptions(rounds=1, seconds=1, light_rate=50, light_seconds=1,
+                           warmup_seconds=1, workers=2, connections=8, threads=1,
+                           out=tmp_path / "results", variants=("sidecar-phases", "echo-grpclib"))
+    result = run_bench(options, workdir=tmp_path / "work", progress=False)
+    rows = {row.variant: row for row in result.rows}
+    phases, grpclib = rows["sidecar-phases"], rows["echo-grpclib"]
+    assert phases.spans == phases.requests == phases.expected_spans, phases
+    assert phases.failed_open == 0 and phases.errors == 0, phases
+    assert grpclib.rps > 0 and grpclib.errors == 0 and grpclib.failed_open == 0, grpclib
+    assert grpclib.sidecar_us is not None and grpclib.sidecar_us > 0, grpclib
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_every_bench_config_is_valid_and_differs_only_in_tracing(
         variant: str, tmp_path: Path) -> None:
