@@ -24,7 +24,7 @@ from ext_proc.exchange.join import AccessLogJoin
 from ext_proc.exchange.phases import PhaseSpans
 from ext_proc.exchange.servicer import ExternalProcessor
 from ext_proc.exchange.session import StreamDeps
-from ext_proc.exchange.unasked import RouteTemplates, UnaskedRequests, cached_paths
+from ext_proc.exchange.unasked import CachedPaths, RouteTemplates, UnaskedRequests
 from ext_proc.policy.propagation import PropagatorCache, Rejections
 from ext_proc.policy.redaction import Redactor
 from ext_proc.policy.request_policy import RequestPolicy
@@ -37,7 +37,7 @@ from ext_proc.policy.sampling import (
 )
 from ext_proc.policy.tenants import TenantResolver
 from ext_proc.request.route_options import RouteOptionsCache
-from ext_proc.request.seams import StreamObserver
+from ext_proc.request.seams import Bounded, StreamObserver
 from ext_proc.telemetry.access_lines import AccessLog
 from ext_proc.telemetry.lean_span import LeanTracer
 from ext_proc.telemetry.metrics.wiring import Observability, build_observability
@@ -67,6 +67,7 @@ class Sidecar:
     serving: bool = False  # /readyz: the gRPC server serves and is not shutting down
     stopping: asyncio.Event = field(default_factory=asyncio.Event)  # set as stop() begins
     admin_port: int | None = None
+    bounded: tuple[Bounded, ...] = ()  # its caches and waiting sets (extproc.state.*)
 
     async def start(self) -> int:
         # TLS/mTLS when configured; a plaintext non-loopback listen needs the opt-in
@@ -155,8 +156,9 @@ def build_sidecar(settings: Settings, telemetry: Telemetry | None = None) -> Sid
     observers = (AccessLog(),) * settings.log.access_log + tuple(observability.observers)
     redactor, tenants = Redactor(settings.redaction), TenantResolver(settings.tenants)
     routes = RouteTemplates()  # learnt from asked exchanges, for the un-asked ones
+    paths = CachedPaths(lambda raw: redactor.path_and_query(raw)[0])
     join = AccessLogJoin(stream.join_timeout_s, stream.response_wait_s,
-                         unasked=unasked_requests(observers, redactor, tenants, routes),
+                         unasked=unasked_requests(observers, paths, tenants, routes),
                          namespace=stream.metadata_namespace) \
         if stream.join_access_log else None
     deps = StreamDeps(
@@ -175,12 +177,18 @@ def build_sidecar(settings: Settings, telemetry: Telemetry | None = None) -> Sid
         if join is not None and isinstance(telemetry.tracer, LeanTracer) else None,
         observers=(*observers, routes) if observers and join is not None else observers,
     )
-    processor = ExternalProcessor(deps, RouteOptionsCache(settings.propagation),
-                                  phase_timer=observability.phase_timer)
+    route_options = RouteOptionsCache(settings.propagation)
+    processor = ExternalProcessor(deps, route_options, phase_timer=observability.phase_timer)
     server = build_server(settings)
+    exporter = getattr(telemetry.exporter, "bounded", None)
+    bounded = (*propagators.bounded(), *route_options.bounded(), *routes.bounded(),
+               *paths.bounded(), *(join.bounded() if join is not None else ()),
+               *sampling.bounded(), *(exporter() if exporter is not None else ()),
+               *(Bounded(*b) for b in getattr(server, "bounded", tuple)()))
     observability.watch(lambda: len(processor.active), rejections.snapshot,
                         server=(lambda: getattr(server, "shed", 0),
-                                lambda: getattr(server, "protocol_errors", 0)))
+                                lambda: getattr(server, "protocol_errors", 0)),
+                        bounded=bounded)
     pb_grpc.add_ExternalProcessorServicer_to_server(processor, server)
     if isinstance(server, h2grpc.Server):  # no task or generator per stream
         server.add_direct_method(PROCESS_METHOD, processor.direct_method())
@@ -189,18 +197,18 @@ def build_sidecar(settings: Settings, telemetry: Telemetry | None = None) -> Sid
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     return Sidecar(settings, telemetry, processor, health_servicer, server, rejections,
-                   sampling, sampling_digest=digest, observability=observability, join=join)
+                   sampling, sampling_digest=digest, observability=observability, join=join,
+                   bounded=(*bounded, *observability.bounded()))
 
 
-def unasked_requests(observers: tuple[StreamObserver, ...], redactor: Redactor,
+def unasked_requests(observers: tuple[StreamObserver, ...], paths: CachedPaths,
                      tenants: TenantResolver, routes: RouteTemplates,
                      ) -> Callable[[list[HTTPAccessLogEntry]], None] | None:
     """What counts the requests Envoy did not ask about (from its access log), if any
     observer wants them: url.path redacted as on spans, the tenant from logged headers."""
     if not observers:
         return None
-    return UnaskedRequests(observers,
-                           path=cached_paths(lambda raw: redactor.path_and_query(raw)[0]),
+    return UnaskedRequests(observers, path=paths,
                            tenant=lambda headers: tenants.resolve(headers, {}),
                            routes=routes).handle
 

@@ -24,6 +24,7 @@ from typing import Final, Generic, Protocol, TypeVar
 from loguru import logger
 
 from ext_proc.exchange.als import FinalFacts
+from ext_proc.request.seams import Bounded
 
 Finish = Callable[[FinalFacts | None], None]
 
@@ -131,6 +132,13 @@ class SpanFinalizer:
     def pending(self) -> int:
         """Exchanges parked and waiting for their entry."""
         return len(self._parked)
+
+    def bounded(self, name: str) -> tuple[Bounded, ...]:
+        """`name`.parked and, when it keeps early entries, `name`.kept."""
+        parked = Bounded(f"{name}.parked", self.pending, self._max_parked)
+        if self._max_kept == 0:
+            return (parked,)
+        return parked, Bounded(f"{name}.kept", self.kept, self._max_kept)
 
     def kept(self) -> int:
         """Entries that arrived before their exchange's stream closed."""

@@ -15,6 +15,7 @@ from typing import Final
 from ext_proc._gen.envoy.data.accesslog.v3 import accesslog_pb2 as log_pb
 from ext_proc.exchange.als import AccessLogService, FinalFacts, final_facts
 from ext_proc.exchange.finalizer import Finish, SpanFinalizer
+from ext_proc.request.seams import Bounded
 
 
 class AccessLogJoin:
@@ -164,6 +165,12 @@ class AccessLogJoin:
 
     def pending(self) -> int:
         return self.finalizer.pending() + self.awaiting.pending() + self.hurried.pending()
+
+    def bounded(self) -> tuple[Bounded, ...]:
+        return (Bounded("join.open", self._open.__len__, self.MAX_OPEN),
+                Bounded("join.recent", self._recent.__len__, self.MAX_RECENT),
+                *self.finalizer.bounded("join"), *self.awaiting.bounded("join.awaiting"),
+                *self.hurried.bounded("join.hurried"))
 
     async def settled(self) -> None:
         """Return once no exchange waits for its entry: on shutdown, the requests still

@@ -25,7 +25,7 @@ from ext_proc._gen.envoy.data.accesslog.v3 import accesslog_pb2 as log_pb
 from ext_proc.exchange.als import response_flag_codes, response_of
 from ext_proc.exchange.outcome import GRPC_CODE_NAMES, GRPC_SERVER_ERRORS, RESET_FLAGS, grpc_code
 from ext_proc.request.envoy_attrs import FLAG_ERROR_TYPES
-from ext_proc.request.seams import ExchangeRecord, StreamObserver
+from ext_proc.request.seams import Bounded, ExchangeRecord, StreamObserver
 from ext_proc.telemetry import semconv as sc
 
 # envoy.config.core.v3.RequestMethod, by number; METHOD_UNSPECIFIED is any other method.
@@ -53,23 +53,30 @@ def error_type(status: int | None, grpc_status: str | None,
     return None
 
 
-def cached_paths(redact: PathRedactor, size: int = 4096, longest: int = 1024) -> PathRedactor:
+class CachedPaths:
     """`redact` (raw ``:path`` -> redacted url.path) remembered by the part before ``?``:
     a route's un-asked requests repeat their paths, and the query (which may carry
     tokens) is never a key. Long paths are redacted each time (they may be cut)."""
-    seen: dict[str, str] = {}
 
-    def path(raw: str) -> str:
+    def __init__(self, redact: PathRedactor, size: int = 4096, longest: int = 1024) -> None:
+        self._redact, self._size, self._longest = redact, size, longest
+        self._seen: dict[str, str] = {}
+
+    def __call__(self, raw: str) -> str:
         key = raw.partition("?")[0]
-        if len(key) > longest:
-            return redact(raw)
+        if len(key) > self._longest:
+            return self._redact(raw)
+        seen = self._seen
         found = seen.get(key)
         if found is None:
-            if len(seen) >= size:
+            if len(seen) >= self._size:
                 seen.clear()
-            found = seen[key] = redact(key)
+            found = seen[key] = self._redact(key)
         return found
-    return path
+
+    def bounded(self) -> tuple[Bounded, ...]:
+        return (Bounded("unasked.paths", self._seen.__len__, self._size),)
+
 
 
 class RouteTemplates:
@@ -86,6 +93,9 @@ class RouteTemplates:
 
     def get(self, route_name: str) -> str | None:
         return self._templates.get(route_name) if route_name else None
+
+    def bounded(self) -> tuple[Bounded, ...]:
+        return (Bounded("unasked.routes", self._templates.__len__, self.MAX_ROUTES),)
 
     def stream_started(self, method: str | None, route: str | None) -> None:
         return

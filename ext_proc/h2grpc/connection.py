@@ -43,7 +43,7 @@ _CONFIG: Final = h2.config.H2Configuration(
     validate_inbound_headers=False, normalize_inbound_headers=False)
 _WINDOW: Final = 1 << 20  # per-stream receive window we announce
 _CONNECTION_WINDOW: Final = 16 << 20
-_KEPT_METADATA: Final = 64  # decoded header blocks kept per connection
+KEPT_METADATA: Final = 64  # decoded header blocks kept per connection
 _PREFIX: Final = 5  # gRPC message: compressed flag (1 byte) + length (4 bytes, big endian)
 
 
@@ -145,13 +145,16 @@ class Connection(Outbound, asyncio.Protocol):
         for call in calls:
             call.settle()
 
+    def kept_metadata(self) -> int:
+        return len(self._metadata)
+
     def metadata(self, headers: Headers) -> Metadata:
         """`headers` as gRPC metadata; a peer's streams repeat theirs (Envoy: per route),
         so the last few are kept decoded."""
         key = tuple(headers)
         found = self._metadata.get(key)
         if found is None:
-            if len(self._metadata) >= _KEPT_METADATA:
+            if len(self._metadata) >= KEPT_METADATA:
                 self._metadata.clear()
             found = self._metadata[key] = metadata_of(headers)
         return found

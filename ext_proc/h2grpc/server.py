@@ -7,13 +7,13 @@ import asyncio
 import contextlib
 import socket
 import ssl
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
 from loguru import logger
 
 from ext_proc.config.core import split_host_port
-from ext_proc.h2grpc.connection import Connection
+from ext_proc.h2grpc.connection import KEPT_METADATA, Connection
 from ext_proc.h2grpc.direct import DirectMethod
 from ext_proc.telemetry.throttle import Throttle
 
@@ -48,6 +48,14 @@ class Server:
         self.connections: set[Connection] = set()
         self._stopped = asyncio.Event()
         self._drained = asyncio.Event()  # set when a connection's pending output emptied
+
+    def bounded(self) -> tuple[tuple[str, Callable[[], int], int], ...]:
+        """(name, size, capacity) of what it keeps between frames beyond the calls
+        themselves: calls waiting for their handler, decoded header blocks."""
+        return (("server.backlog", lambda: self.backlog, self.max_backlog),
+                ("server.header_blocks",
+                 lambda: sum(c.kept_metadata() for c in self.connections),
+                 KEPT_METADATA * max(1, len(self.connections))))
 
     # -- registration (what generated code calls) -------------------------------
 

@@ -36,6 +36,7 @@ from loguru import logger
 from pydantic import ValidationError
 
 from ext_proc.config.propagation import PropagationSettings
+from ext_proc.request.seams import Bounded
 
 PREFIX: Final = "x-extproc-otel-"
 HTTP_ROUTE: Final = PREFIX + "http-route"
@@ -146,6 +147,10 @@ class RouteOptionsCache:
         self._base = base
         self._cache: OrderedDict[tuple[tuple[str, str], ...], RouteOptions] = OrderedDict()
         self._known: dict[tuple[Any, ...], RouteOptions] = {}  # whole metadata -> options
+
+    def bounded(self) -> tuple[Bounded, ...]:
+        return (Bounded("route_options", self._cache.__len__, self.MAX_ENTRIES),
+                Bounded("route_options.metadata", self._known.__len__, self.MAX_ENTRIES))
 
     def get(self, metadata: Metadata) -> RouteOptions:
         # A route's streams all carry the same metadata: known metadata skips the filter.

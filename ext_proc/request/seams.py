@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from opentelemetry.context import Context
 from opentelemetry.trace import SpanContext
@@ -59,3 +60,13 @@ class StreamObserver(Protocol):
 
     def stream_started(self, method: str | None, route: str | None) -> None: ...
     def stream_finished(self, record: ExchangeRecord) -> None: ...
+
+
+class Bounded(NamedTuple):
+    """A structure the sidecar keeps between messages (a cache, or a set of requests
+    waiting for something): what it holds now, and the most it ever holds. Observed as
+    ``extproc.state.size`` and ``extproc.state.capacity`` (attribute ``extproc.state``)."""
+
+    name: str
+    size: Callable[[], int]
+    capacity: int

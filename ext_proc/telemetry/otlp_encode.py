@@ -33,6 +33,8 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext, SpanKind, StatusCode
 
+from ext_proc.request.seams import Bounded
+
 _KIND: Final = {
     SpanKind.INTERNAL: Span.SPAN_KIND_INTERNAL,
     SpanKind.SERVER: Span.SPAN_KIND_SERVER,
@@ -150,6 +152,12 @@ class SpanEncoder:
     def __init__(self) -> None:
         self._pairs: dict[tuple[str, type, Any], bytes] = {}
         self._keys: dict[str, bytes] = {}
+
+    def bounded(self) -> tuple[Bounded, ...]:
+        """Encoded attribute keys and (key, value) pairs (read from another thread: a
+        size, not a snapshot)."""
+        return (Bounded("export.attribute_keys", self._keys.__len__, self.MAX_CACHE),
+                Bounded("export.attributes", self._pairs.__len__, self.MAX_CACHE))
 
     def encode(self, spans: Sequence[ReadableSpan]) -> bytes:
         # Grouped by equal resources, as the SDK does, but hashing each distinct

@@ -11,6 +11,7 @@ from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExport
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 from opentelemetry.sdk.trace import ReadableSpan
 
+from ext_proc.request.seams import Bounded
 from ext_proc.telemetry.otlp_encode import SpanEncoder
 
 
@@ -27,6 +28,9 @@ class FastOTLPSpanExporter(OTLPSpanExporter):
         # serializes messages; the request here is already serialized.
         super()._initialize_channel_and_stub()
         self._client = _SerializedTraceStub(self._channel)  # type: ignore[assignment]
+
+    def bounded(self) -> tuple[Bounded, ...]:
+        return self._encoder.bounded()
 
     def _translate_data(self, data: Sequence[ReadableSpan]) -> bytes:  # type: ignore[override]
         return self._encoder.encode(data)

@@ -76,6 +76,7 @@ class Telemetry:
 
     tracer_provider: TracerProvider
     tracer: Tracer
+    exporter: SpanExporter | None = None  # the span exporter it built, if any
 
     def shutdown(self) -> None:
         self.tracer_provider.force_flush()
@@ -104,7 +105,7 @@ def build_telemetry(
     sdk_tracer = cast(SdkTracer, provider.get_tracer(scope.name, scope.version))
     tracer = LeanTracer(sdk_tracer, scope, limits.max_attribute_length,
                         limits.max_span_attributes)
-    return Telemetry(provider, tracer)
+    return Telemetry(provider, tracer, exporter)
 
 
 def check_exporters(otlp_logs: bool, env: Mapping[str, str] | None = None) -> None:

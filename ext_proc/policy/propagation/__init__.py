@@ -28,6 +28,7 @@ from ext_proc.policy.propagation.grpc_trace_bin import GrpcTraceBinFormat
 from ext_proc.policy.propagation.jaeger import JaegerFormat
 from ext_proc.policy.propagation.rejections import Rejections
 from ext_proc.policy.propagation.w3c import SpecTraceState, TraceContextFormat, traceparent_value
+from ext_proc.request.seams import Bounded
 
 __all__ = [
     "FORMATS",
@@ -199,6 +200,9 @@ class PropagatorCache:
     def __init__(self, rejections: Rejections) -> None:
         self._rejections = rejections
         self._cache: OrderedDict[PropagationSettings, GatewayPropagator] = OrderedDict()
+
+    def bounded(self) -> tuple[Bounded, ...]:
+        return (Bounded("propagators", self._cache.__len__, self.MAX_ENTRIES),)
 
     def get(self, settings: PropagationSettings) -> GatewayPropagator:
         propagator = self._cache.get(settings)

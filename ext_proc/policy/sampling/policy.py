@@ -30,6 +30,7 @@ from ext_proc.policy.sampling.rules import (
     first_match,
 )
 from ext_proc.policy.sampling.sampler import GatewaySampler
+from ext_proc.request.seams import Bounded
 
 
 class _Snapshot:
@@ -155,6 +156,11 @@ class SamplingPolicy:
     def directive(self, facts: RequestFacts) -> SamplingDirective:
         """The sampling parameters for one request; cheap, never raises on odd facts."""
         return self._snapshot.directive(facts)
+
+    def bounded(self) -> tuple[Bounded, ...]:
+        """Unlisted tenants with their own trace budget (the rules in force)."""
+        return (Bounded("sampling.tenants", lambda: self._snapshot.budgets.tracked_tenants,
+                        self._snapshot.settings.max_tenants),)
 
     def reload(self, settings: SamplingSettings) -> None:
         """Compile `settings` and swap them in atomically (budgets start full again)."""

@@ -13,7 +13,7 @@ from typing import Any, Final
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
 from ext_proc.config.telemetry import MetricsSettings
-from ext_proc.request.seams import ExchangeRecord
+from ext_proc.request.seams import Bounded, ExchangeRecord
 from ext_proc.telemetry import semconv as sc
 from ext_proc.telemetry.metrics.tables import HistogramTable
 
@@ -29,6 +29,9 @@ PROTOCOL_ERRORS: Final = "extproc.grpc.protocol_errors"
 PHASE: Final = "extproc.phase"
 FORMAT: Final = "extproc.propagation.format"
 TENANT_ID: Final = "tenant.id"
+STATE_SIZE: Final = "extproc.state.size"
+STATE_CAPACITY: Final = "extproc.state.capacity"
+STATE: Final = "extproc.state"
 
 # The stable HTTP semantic conventions' advice for http.server.request.duration.
 DURATION_BUCKETS: Final = (
@@ -178,6 +181,23 @@ class RuntimeMetrics:
             PROTOCOL_ERRORS, [errors_callback], unit="{error}",
             description="Connections or streams the gRPC server ended for bad HTTP/2 input "
                         "(logged at debug, at most every 10 s).")
+
+    def observe_state(self, bounded: Iterable[Bounded]) -> None:
+        """What each cache and waiting set holds, and its bound (#21: memory that
+        stays flat under any load shows here as sizes at their capacities)."""
+        found = tuple(bounded)
+
+        def sizes(_options: CallbackOptions) -> Iterable[Observation]:
+            return [Observation(b.size(), {STATE: b.name}) for b in found]
+
+        def capacities(_options: CallbackOptions) -> Iterable[Observation]:
+            return [Observation(b.capacity, {STATE: b.name}) for b in found]
+        self._meter.create_observable_up_down_counter(
+            STATE_SIZE, [sizes], unit="{entry}",
+            description="Entries a cache or waiting set of the sidecar holds now.")
+        self._meter.create_observable_up_down_counter(
+            STATE_CAPACITY, [capacities], unit="{entry}",
+            description="The most entries a cache or waiting set of the sidecar holds.")
 
     def observe_rejections(self, snapshot: Callable[[], dict[str, int]]) -> None:
         def callback(_options: CallbackOptions) -> Iterable[Observation]:

@@ -41,6 +41,8 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext
 
+from ext_proc.request.seams import Bounded
+
 _Offered = tuple[int, float, int, "SpanContext | None", "Mapping[str, Any] | None"]
 OVERFLOW: Final = {"otel.metric.overflow": True}
 _OVERFLOW_KEY: Final = ("otel.metric.overflow",)
@@ -106,6 +108,10 @@ class HistogramTable:
 
     def __len__(self) -> int:
         return len(self._points)
+
+    def bounded(self) -> Bounded:
+        """Its attribute sets: up to the cardinality limit, plus the overflow point."""
+        return Bounded(f"metrics.{self.name}", self.__len__, self._limit + 1)
 
     def add_delta_reader(self) -> int:
         """An interval slot for one delta reader (register before recording starts)."""

@@ -7,14 +7,14 @@ then `watch(...)`; `Sidecar.start/stop` call `start`/`stop`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from opentelemetry.sdk.resources import Resource
 
 from ext_proc.admin import AdminEndpoints, AdminServer
 from ext_proc.config import Settings
-from ext_proc.request.seams import StreamObserver
+from ext_proc.request.seams import Bounded, StreamObserver
 from ext_proc.telemetry.metrics.pipeline import Metrics, build_metrics
 from ext_proc.telemetry.metrics.spans import SpanPipelineStats
 from ext_proc.telemetry.otel_env import build_resource
@@ -45,14 +45,25 @@ class Observability:
 
     def watch(self, active_streams: Callable[[], int],
               rejections: Callable[[], dict[str, int]],
-              server: tuple[Callable[[], int], Callable[[], int]] | None = None) -> None:
-        """Observe live values of the built app (called once)."""
+              server: tuple[Callable[[], int], Callable[[], int]] | None = None,
+              bounded: Iterable[Bounded] = ()) -> None:
+        """Observe live values of the built app (called once); `bounded`: the app's
+        caches and waiting sets (the metric tables' own are added here)."""
         runtime = self.metrics.runtime if self.metrics else None
         if runtime is not None:
             runtime.observe_streams(active_streams)
             runtime.observe_rejections(rejections)
             if server is not None:  # (streams shed, protocol errors) of the h2 engine
                 runtime.observe_server(*server)
+            runtime.observe_state((*bounded, *self.bounded()))
+
+    def bounded(self) -> tuple[Bounded, ...]:
+        """The metric tables' attribute sets."""
+        if self.metrics is None:
+            return ()
+        tables = (*(self.metrics.red.tables if self.metrics.red else ()),
+                  *(self.metrics.runtime.tables if self.metrics.runtime else ()))
+        return tuple(table.bounded() for table in tables)
 
     async def start(self, ready: Callable[[], bool],
                     config: Callable[[], dict[str, object]] | None = None) -> int | None:

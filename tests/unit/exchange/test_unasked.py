@@ -19,7 +19,7 @@ from ext_proc.exchange.als import AccessLogService, FinalFacts, final_facts
 from ext_proc.exchange.join import AccessLogJoin
 from ext_proc.exchange.outcome import exchange_outcome
 from ext_proc.exchange.session import StreamDeps, StreamSession
-from ext_proc.exchange.unasked import RouteTemplates, UnaskedRequests, cached_paths, error_type
+from ext_proc.exchange.unasked import CachedPaths, RouteTemplates, UnaskedRequests, error_type
 from ext_proc.policy.propagation import PropagatorCache, Rejections
 from ext_proc.policy.tenants import TenantResolver
 from ext_proc.request.seams import ExchangeRecord
@@ -290,7 +290,7 @@ def test_cached_paths_redact_as_the_redactor_does_and_never_key_on_the_query() -
     def redact(raw: str) -> str:
         calls.append(raw)
         return redactor.path_and_query(raw)[0]
-    cached = cached_paths(redact, size=2)
+    cached = CachedPaths(redact, size=2)
     jwt = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.c2ln"
     for raw in ("/a;jsessionid=s3cret?token=t1", "/a;jsessionid=s3cret?token=t2",
                 f"/t/{jwt}#frag?x=1", "http://u:p@h/x?q=1", "/b", "/c"):
