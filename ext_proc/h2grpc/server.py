@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 from loguru import logger
 
 from ext_proc.config.core import split_host_port
-from ext_proc.h2grpc.connection import KEPT_METADATA, Connection
+from ext_proc.h2grpc.connection import CLOSED_STREAMS_KEPT, KEPT_METADATA, Connection
 from ext_proc.h2grpc.direct import DirectMethod
 from ext_proc.telemetry.throttle import Throttle
 
@@ -51,11 +51,15 @@ class Server:
 
     def bounded(self) -> tuple[tuple[str, Callable[[], int], int], ...]:
         """(name, size, capacity) of what it keeps between frames beyond the calls
-        themselves: calls waiting for their handler, decoded header blocks."""
+        themselves: calls waiting for their handler; per connection (the fullest one's
+        size, the bound of each), decoded header blocks and closed streams remembered."""
         return (("server.backlog", lambda: self.backlog, self.max_backlog),
                 ("server.header_blocks",
-                 lambda: sum(c.kept_metadata() for c in self.connections),
-                 KEPT_METADATA * max(1, len(self.connections))))
+                 lambda: max((c.kept_metadata() for c in self.connections), default=0),
+                 KEPT_METADATA),
+                ("server.closed_streams",
+                 lambda: max((c.closed_streams() for c in self.connections), default=0),
+                 CLOSED_STREAMS_KEPT))
 
     # -- registration (what generated code calls) -------------------------------
 

@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Final
 
+import h2.config
+import h2.connection
 import pytest
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader, NumberDataPoint
 from opentelemetry.sdk.resources import Resource
@@ -30,7 +32,7 @@ from ext_proc.exchange.als import FinalFacts
 from ext_proc.exchange.join import AccessLogJoin
 from ext_proc.exchange.unasked import CachedPaths, RouteTemplates
 from ext_proc.h2grpc import Server
-from ext_proc.h2grpc.connection import Connection
+from ext_proc.h2grpc.connection import CLOSED_STREAMS_KEPT, Connection
 from ext_proc.policy.propagation import PropagatorCache, Rejections
 from ext_proc.policy.sampling import build_sampling
 from ext_proc.policy.sampling.directive import RequestFacts
@@ -151,6 +153,31 @@ def fill_header_blocks() -> tuple[Bounded, ...]:
     return asyncio.run(fill())
 
 
+def fill_closed_streams() -> tuple[Bounded, ...]:
+    """Streams opened and ended through the connection's h2 state, in memory: h2 would
+    remember 65,536 closed ones (~10 MB a connection)."""
+    async def fill() -> tuple[Bounded, ...]:
+        server = Server()
+        connection = Connection(server)
+        server.connections.add(connection)
+        ours = connection._h2
+        ours.initiate_connection()
+        peer = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        peer.initiate_connection()
+        ours.receive_data(peer.data_to_send())
+        peer.receive_data(ours.data_to_send())
+        request = [(b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/t.S/M"),
+                   (b":authority", b"sidecar")]
+        for _ in range(CLOSED_STREAMS_KEPT + OVER):
+            stream = peer.get_next_available_stream_id()
+            peer.send_headers(stream, request, end_stream=True)
+            ours.receive_data(peer.data_to_send())
+            ours.send_headers(stream, [(b":status", b"200")], end_stream=True)
+            peer.receive_data(ours.data_to_send())
+        return tuple(Bounded(*b) for b in server.bounded())
+    return asyncio.run(fill())
+
+
 def fill_table() -> tuple[Bounded, ...]:
     table = HistogramTable("t", "s", "", (1.0,), limit=5)
     for i in range(5 + OVER):
@@ -175,6 +202,7 @@ FILLERS: Final[dict[str, Callable[[], tuple[Bounded, ...]]]] = {
     "export.attribute_keys": fill_encoder,
     "export.attributes": fill_encoder,
     "server.header_blocks": fill_header_blocks,
+    "server.closed_streams": fill_closed_streams,
     "metrics.t": fill_table,
 }
 # Bounded by tests of their own: calls past server.max_backlog are shed (UNAVAILABLE).
@@ -227,3 +255,9 @@ def test_sizes_and_capacities_are_metrics() -> None:
         found[m.name] = {(p.attributes or {})[STATE]: p.value for p in points}
     assert found == {STATE_SIZE: {"unasked.routes": 1},
                      STATE_CAPACITY: {"unasked.routes": RouteTemplates.MAX_ROUTES}}
+
+
+def test_a_connection_remembers_fewer_closed_streams_than_h2_would() -> None:
+    bound = by_name(fill_closed_streams(), "server.closed_streams")
+    assert bound.size() == bound.capacity == CLOSED_STREAMS_KEPT
+    assert CLOSED_STREAMS_KEPT < h2.connection.H2Connection.MAX_CLOSED_STREAMS
