@@ -67,6 +67,7 @@ class BenchOptions:
     workers_envoy: Path = WORKERS_YAML
     baseline: str | None = None  # a git revision: its sidecar is the "baseline" row
     chart: bool = True
+    sidecar_env: Mapping[str, str] = field(default_factory=dict)  # every sidecar row's
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> BenchOptions:
@@ -168,7 +169,8 @@ class Bench:
         if variant not in ("sidecar", "workers", "baseline", *SIDECAR_AB) and not sampled:
             return None
         env = {**_clean_env(), "OTEL_EXPORTER_OTLP_ENDPOINT": self.receiver.endpoint,
-               "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc", **SIDECAR_AB.get(variant, {}),
+               "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc", **self.options.sidecar_env,
+               **SIDECAR_AB.get(variant, {}),
                **(SAMPLED_ENV if sampled else {})}
         workers = self.options.workers if variant == "workers" else 1
         return Proc("sidecar", [sys.executable, "-m", "ext_proc", "serve", "--listen",

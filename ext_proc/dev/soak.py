@@ -1,18 +1,30 @@
 """Soak: steady load through a real Envoy on loopback; flat memory, no leaked stream state.
 
-``make soak`` runs ``python -m ext_proc.dev.soak``: the devstack (Envoy, sidecar,
-demo upstream, an in-process OTLP receiver), `ext_proc.dev.loadgen` at a steady
-rate for ``SOAK_SECONDS`` (default 180; ``SOAK_RATE`` requests/s and
-``SOAK_CONNECTIONS`` tune it), the sidecar's RSS read from ``/proc`` every
-second and its self-telemetry scraped from the admin ``/metrics``. It fails
-(exit 1) when a client request failed, when the RSS least-squares slope over
-the last half exceeds the bound, or when per-stream state outlives the load.
-`SidecarProbe` and the helpers are shared with the reliability e2e tests.
+``make soak`` runs ``python -m ext_proc.dev.soak``: the devstack (Envoy with the lean
+envoy.yaml, sidecar, demo upstream, an in-process OTLP receiver), `ext_proc.dev.loadgen`
+at a steady rate for ``SOAK_SECONDS`` (default 300; ``SOAK_RATE`` requests/s, default
+400, ``SOAK_CONNECTIONS`` and ``SOAK_WARMUP_SECONDS``, default 60, tune it), the
+sidecar's RSS read from ``/proc`` every second and its self-telemetry scraped from the
+admin ``/metrics``.
+
+The run has two parts, reported apart (issue #21):
+
+- **warm-up** (the first ``SOAK_WARMUP_SECONDS``): caches fill to their bounds and the
+  allocator takes its arenas; its growth is reported (start and plateau), not judged;
+- **steady state** (the rest): the least-squares RSS slope over its second half is
+  judged against 64 KiB/min, and so is the run itself: it must send enough requests
+  per minute that a leak of 10 bytes per request would exceed that bound.
+
+It fails (exit 1) when a client request failed, when the steady-state slope exceeds
+the bound, when the rate was too low to see a 10-byte-per-request leak, or when
+per-stream state outlives the load. `SidecarProbe` and the helpers are shared with
+the reliability e2e tests.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import tempfile
@@ -117,19 +129,22 @@ def observed_stack(workdir: Path, otlp_endpoint: str | None, admin_port: int, *,
 
 @dataclass(frozen=True)
 class SoakConfig:
-    seconds: float = 180.0
+    seconds: float = 300.0
     connections: int = 8
-    rate: float = 100.0
-    max_slope_kib_per_min: float = 256.0  # RSS slope over the last half
+    rate: float = 400.0  # requests/s in total; 0: closed loop (as fast as it goes)
+    warmup_seconds: float = 60.0  # reported, not judged
+    max_slope_kib_per_min: float = 64.0  # RSS slope over the steady state's second half
+    leak_bytes_per_request: float = 10.0  # a leak this size must exceed the bound
     sample_interval_s: float = 1.0
     settle_timeout_s: float = 15.0  # for per-stream state to drain after the load
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> SoakConfig:
         env = os.environ if env is None else env
-        return cls(seconds=float(env.get("SOAK_SECONDS", "180")),
+        return cls(seconds=float(env.get("SOAK_SECONDS", "300")),
                    connections=int(env.get("SOAK_CONNECTIONS", "8")),
-                   rate=float(env.get("SOAK_RATE", "100")))
+                   rate=float(env.get("SOAK_RATE", "400")),
+                   warmup_seconds=float(env.get("SOAK_WARMUP_SECONDS", "60")))
 
 
 @dataclass(frozen=True)
@@ -142,9 +157,14 @@ class SoakReport:
     p50_ms: float
     p99_ms: float
     rss_start_kib: int
+    rss_warm_kib: int  # the warm-up's plateau: RSS as the steady state begins
     rss_end_kib: int
     rss_max_kib: int
-    slope_kib_per_min: float  # least squares over the last half of the run
+    slope_kib_per_min: float  # least squares over the steady state's second half
+    steady_requests: int  # requests sent in that window
+    steady_rps: float
+    bytes_per_request: float  # the slope per request sent in that window
+    detectable_bytes_per_request: float  # the smallest leak the bound would catch
     streams_active_end: float
     active_requests_end: float
     queue_size_end: float
@@ -156,8 +176,13 @@ class SoakReport:
         if self.failed:
             found.append(f"{self.failed} client requests failed")
         if self.slope_kib_per_min > config.max_slope_kib_per_min:
-            found.append(f"RSS slope {self.slope_kib_per_min:.1f} KiB/min over the last half "
-                         f"exceeds {config.max_slope_kib_per_min} KiB/min")
+            found.append(f"RSS slope {self.slope_kib_per_min:.1f} KiB/min over the steady "
+                         f"state's second half exceeds {config.max_slope_kib_per_min} KiB/min "
+                         f"({self.bytes_per_request:.1f} bytes per request)")
+        if self.detectable_bytes_per_request > config.leak_bytes_per_request:
+            found.append(f"{self.steady_rps:.0f} req/s in the steady state: a leak under "
+                         f"{self.detectable_bytes_per_request:.1f} bytes per request would "
+                         f"pass unseen (needs {config.leak_bytes_per_request}); raise SOAK_RATE")
         if self.streams_active_end or self.active_requests_end:
             found.append("per-stream state left after the load: "
                          f"{self.streams_active_end} streams, "
@@ -166,9 +191,10 @@ class SoakReport:
 
 
 def _sample_rss(probe: SidecarProbe, load: Load, interval: float,
-                receiver: OtlpReceiver) -> list[tuple[float, float]]:
-    """RSS points (seconds since start, KiB) every `interval` until the load ends."""
-    points: list[tuple[float, float]] = []
+                receiver: OtlpReceiver) -> list[tuple[float, float, int]]:
+    """(seconds since start, RSS KiB, requests sent) every `interval` until the load
+    ends."""
+    points: list[tuple[float, float, int]] = []
     started = time.monotonic()
     done = threading.Event()
 
@@ -177,9 +203,41 @@ def _sample_rss(probe: SidecarProbe, load: Load, interval: float,
         done.set()
     threading.Thread(target=finish, daemon=True).start()
     while not done.wait(interval):
-        points.append((time.monotonic() - started, float(probe.rss_kib())))
+        points.append((time.monotonic() - started, float(probe.rss_kib()), load.sent()))
         receiver.clear()  # keep the soak process itself bounded
     return points
+
+
+@dataclass(frozen=True)
+class SteadyState:
+    """The window the soak judges: the second half of what follows the warm-up."""
+
+    slope_kib_per_min: float
+    requests: int
+    seconds: float
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds if self.seconds > 0 else 0.0
+
+    def per_request(self, kib_per_min: float) -> float:
+        """Bytes per request that a slope of `kib_per_min` means at this window's rate."""
+        return kib_per_min * 1024 / (self.rps * 60) if self.rps else math.inf
+
+
+def steady_state(points: Sequence[tuple[float, float, int]],
+                 warmup_s: float) -> SteadyState:
+    """The least-squares RSS slope and the requests sent over the second half of the
+    samples taken after `warmup_s` (points: seconds, RSS KiB, requests sent so far)."""
+    after = [p for p in points if p[0] >= warmup_s]
+    if len(after) < 2:
+        return SteadyState(0.0, 0, 0.0)
+    middle = (after[0][0] + after[-1][0]) / 2
+    half = [p for p in after if p[0] >= middle]
+    if len(half) < 2:
+        return SteadyState(0.0, 0, 0.0)
+    return SteadyState(slope_per_min([(t, rss) for t, rss, _ in half]),
+                       half[-1][2] - half[0][2], half[-1][0] - half[0][0])
 
 
 def run_soak(config: SoakConfig, workdir: Path) -> SoakReport:
@@ -193,7 +251,7 @@ def run_soak(config: SoakConfig, workdir: Path) -> SoakReport:
             probe = SidecarProbe(admin_port, stack.sidecar.popen.pid)
             rss_start = probe.rss_kib()
             load = Load(stack.url("/echo?soak={n}"), config.connections, config.seconds,
-                        rate=config.rate, marker=b'"traceparent"').start()
+                        rate=config.rate or None, marker=b'"traceparent"').start()
             points = _sample_rss(probe, load, config.sample_interval_s, receiver)
             result = load.result()
             wait_until(lambda: probe.value(STREAMS_ACTIVE) == 0
@@ -204,15 +262,20 @@ def run_soak(config: SoakConfig, workdir: Path) -> SoakReport:
             rss_end = probe.rss_kib()
     finally:
         receiver.stop()
-    half = [p for p in points if p[0] >= config.seconds / 2]
     summary = result.summary()
+    steady = steady_state(points, config.warmup_seconds)
+    warm = next((rss for t, rss, _ in points if t >= config.warmup_seconds), rss_end)
     return SoakReport(
         seconds=config.seconds, requests=len(result.samples), failed=len(result.failed),
         traced=int(summary["marked"]), rps=float(summary["rps"]),
         p50_ms=float(summary["p50_ms"]), p99_ms=float(summary["p99_ms"]),
-        rss_start_kib=rss_start, rss_end_kib=rss_end,
-        rss_max_kib=int(max((v for _, v in points), default=rss_end)),
-        slope_kib_per_min=round(slope_per_min(half), 1),
+        rss_start_kib=rss_start, rss_warm_kib=int(warm), rss_end_kib=rss_end,
+        rss_max_kib=int(max((v for _, v, _ in points), default=rss_end)),
+        slope_kib_per_min=round(steady.slope_kib_per_min, 1),
+        steady_requests=steady.requests, steady_rps=round(steady.rps, 1),
+        bytes_per_request=round(steady.per_request(steady.slope_kib_per_min), 2),
+        detectable_bytes_per_request=round(
+            steady.per_request(config.max_slope_kib_per_min), 2),
         streams_active_end=value_of(end, STREAMS_ACTIVE),
         active_requests_end=value_of(end, ACTIVE_REQUESTS, {"http_request_method": "GET"}),
         queue_size_end=value_of(end, QUEUE_SIZE),

@@ -124,9 +124,12 @@ def test_overload_keeps_traffic_flowing_and_recovers(tmp_path: Path) -> None:
 
 def test_short_soak_leaves_no_stream_state(tmp_path: Path) -> None:
     """`make soak` in miniature: the report is complete and nothing per stream leaks."""
-    config = SoakConfig(seconds=6.0, connections=4, rate=50.0)
+    config = SoakConfig(seconds=6.0, connections=4, rate=50.0, warmup_seconds=2.0)
     report = run_soak(config, tmp_path)
     assert report.requests >= 250 and report.failed == 0
+    # the warm-up's plateau and the steady state's window (4-6 s) are reported apart
+    assert report.rss_start_kib > 0 and report.rss_warm_kib > 0
+    assert 0 < report.steady_requests < report.requests and report.steady_rps > 0
     assert report.traced >= 0.98 * report.requests  # sporadic message timeouts: see docs
     assert report.streams_active_end == 0 and report.active_requests_end == 0
     assert report.queue_size_end == 0 and report.spans_dropped == 0
