@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Final, Protocol
 
+from opentelemetry.sdk.trace import Event
 from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, SpanKind, Status, StatusCode
 from opentelemetry.util.types import AttributeValue
 
@@ -37,6 +38,7 @@ FILTERS: Final = "filters"
 UPSTREAM: Final = "upstream"
 RESPONSE: Final = "response"
 FIRST_BYTE_EVENT: Final = "first_byte_received"  # on the upstream span
+_UNSET: Final = Status(StatusCode.UNSET)
 VIA_UPSTREAM: Final = "via_upstream"  # response_code_details: the upstream's own status
 
 
@@ -106,12 +108,12 @@ class PhaseSpans:
 
     def _span(self, phase: str, parent: SpanContext, kind: SpanKind, start: int, end: int,
               error_type: str | None = None) -> None:
-        span = self._tracer.start_child(phase, parent, self._tracer.new_span_id(), kind, start)
-        span.set_attribute(sc.ENVOY_PHASE, phase)
-        if error_type is not None:
-            span.set_attribute(sc.ERROR_TYPE, error_type)
-            span.set_status(Status(StatusCode.ERROR, error_type))
-        span.end(end_time=max(start, end))
+        if error_type is None:
+            self._tracer.record_child(phase, parent, kind, start, end, {sc.ENVOY_PHASE: phase})
+        else:
+            self._tracer.record_child(phase, parent, kind, start, end,
+                                      {sc.ENVOY_PHASE: phase, sc.ERROR_TYPE: error_type},
+                                      Status(StatusCode.ERROR, error_type))
 
     def _upstream(self, parent: SpanContext, span_id: int, name: str, at: _At, high: int,
                   final: FinalFacts, is_grpc: bool) -> None:
@@ -119,8 +121,7 @@ class PhaseSpans:
         byte received; without one the upstream failed (or was cut off): ERROR."""
         times = final.timings
         assert times is not None and times.first_upstream_tx is not None
-        span = self._tracer.start_child(name, parent, span_id, SpanKind.CLIENT,
-                                        at(times.first_upstream_tx))
+        start = at(times.first_upstream_tx)
         attrs: dict[str, AttributeValue] = {sc.ENVOY_PHASE: UPSTREAM}
         host, port = split_address(final.upstream_address)
         if host:
@@ -130,8 +131,8 @@ class PhaseSpans:
         attempts = final.upstream_attempts or 0
         if attempts > 1:
             attrs[sc.HTTP_REQUEST_RESEND_COUNT] = attempts - 1
-        if times.first_upstream_rx is not None:
-            span.add_event(FIRST_BYTE_EVENT, timestamp=at(times.first_upstream_rx))
+        events = (Event(FIRST_BYTE_EVENT, {}, at(times.first_upstream_rx)),) \
+            if times.first_upstream_rx is not None else ()
         if final.response_code and final.response_code_details == VIA_UPSTREAM:
             result = outcome(final.response_code, final.grpc_status, is_grpc, None)
             attrs.update(result.attributes)
@@ -146,16 +147,16 @@ class PhaseSpans:
             error_type = next((FLAG_ERROR_TYPES[f] for f in final.response_flags
                                if f in FLAG_ERROR_TYPES), None) or sc.ERROR_RESPONSE_INCOMPLETE
             attrs[sc.ERROR_TYPE] = error_type
-        span.set_attributes(attrs)
-        if error_type is not None:
-            span.set_status(Status(StatusCode.ERROR, error_type))
         if end is not None:
             stop = at(end)
         elif times.first_upstream_rx is None and times.first_downstream_tx is not None:
             stop = at(times.first_downstream_tx)  # Envoy's local reply to the failure
         else:
             stop = high
-        span.end(end_time=max(stop, at(times.first_upstream_tx)))
+        self._tracer.record_child(
+            name, parent, SpanKind.CLIENT, start, stop, attrs,
+            Status(StatusCode.ERROR, error_type) if error_type is not None else _UNSET,
+            span_id=span_id, events=events)
 
 
 class _At(Protocol):

@@ -40,6 +40,7 @@ from opentelemetry.util.types import Attributes, AttributeValue
 
 _SCALARS: Final = frozenset({str, bool, int, float})
 MAX_ATTRIBUTES: Final = 128  # the SDK's default OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT
+_UNSET: Final = Status(StatusCode.UNSET)
 
 
 class LeanTracer(trace_api.Tracer):
@@ -108,13 +109,22 @@ class LeanTracer(trace_api.Tracer):
         """A span id from the provider's id generator, for a span started later."""
         return self._ids.generate_span_id()
 
-    def start_child(self, name: str, parent: SpanContext, span_id: int, kind: SpanKind,
-                    start_time: int) -> LeanSpan:
-        """A recording child of the local span `parent` with a span id allocated earlier
-        (`new_span_id`): it shares its parent's trace flags and state (no sampler call)."""
-        context = SpanContext(parent.trace_id, span_id, is_remote=False,
-                              trace_flags=parent.trace_flags, trace_state=parent.trace_state)
-        return LeanSpan(self, name, context, parent, kind, start_time, ())
+    def record_child(self, name: str, parent: SpanContext, kind: SpanKind, start_time: int,
+                     end_time: int, attributes: dict[str, AttributeValue],
+                     status: Status = _UNSET, span_id: int | None = None,
+                     events: tuple[Event, ...] = ()) -> None:
+        """A finished child of the local span `parent`, handed to the processors at
+        once: for spans whose every fact is known (phase spans), without a `LeanSpan`.
+        `attributes` are taken as they are (few, short: the caller's own); `span_id`:
+        one allocated earlier (`new_span_id`), else a new one."""
+        context = SpanContext(parent.trace_id, span_id or self._ids.generate_span_id(),
+                              is_remote=False, trace_flags=parent.trace_flags,
+                              trace_state=parent.trace_state)
+        self._processor.on_end(_Finished(
+            0, name=name, context=context, parent=parent, resource=self._resource,
+            attributes=attributes, events=events, links=(), kind=kind, status=status,
+            start_time=start_time, end_time=max(start_time, end_time),
+            instrumentation_scope=self._scope))
 
 
 class LeanSpan(trace_api.Span):
