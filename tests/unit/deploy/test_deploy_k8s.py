@@ -123,14 +123,44 @@ def test_probes_resources_and_security() -> None:
         assert sidecar[probe]["grpc"]["port"] == sidecar["ports"][0]["containerPort"]
 
 
-@pytest.mark.parametrize("path", [K8S / "deployment.yaml",
-                                  ROOT / "envoy" / "envoy-gateway" / "sidecar.yaml"],
-                         ids=lambda p: p.parent.name)
-def test_downward_api_feeds_k8s_resource_attributes(path: Path) -> None:
+# docs/reliability.md, section 6: the sidecar's steady RSS (lean, Envoy --concurrency 2,
+# with room for more Envoy connections), and what a collector outage (a full span
+# queue) and an overload's kept arenas add on top of it.
+STEADY_RSS_MIB: Final = 96
+WORST_CASE_EXTRA_MIB: Final = 70 + 45
+
+
+def _sidecar_in(path: Path) -> dict[str, Any]:
+    """The extproc-otel container of the Deployment in `path`."""
     (deployment,) = [d for d in _docs(path) if d["kind"] == "Deployment"]
     pod = deployment["spec"]["template"]["spec"]
     (sidecar,) = [c for c in [*pod.get("initContainers", []), *pod["containers"]]
                   if c["name"] == "extproc-otel"]
+    return dict(sidecar)
+
+
+def _mebibytes(quantity: str) -> int:
+    match = re.fullmatch(r"(\d+)(Mi|Gi)", quantity)
+    assert match is not None, quantity
+    return int(match.group(1)) * (1024 if match.group(2) == "Gi" else 1)
+
+
+@pytest.mark.parametrize("path", [K8S / "deployment.yaml",
+                                  ROOT / "envoy" / "envoy-gateway" / "sidecar.yaml"],
+                         ids=lambda p: p.parent.name)
+def test_sidecar_memory_is_sized_from_the_measured_rss(path: Path) -> None:
+    sidecar = _sidecar_in(path)
+    requested = _mebibytes(sidecar["resources"]["requests"]["memory"])
+    limit = _mebibytes(sidecar["resources"]["limits"]["memory"])
+    assert requested >= STEADY_RSS_MIB
+    assert limit >= STEADY_RSS_MIB + WORST_CASE_EXTRA_MIB
+
+
+@pytest.mark.parametrize("path", [K8S / "deployment.yaml",
+                                  ROOT / "envoy" / "envoy-gateway" / "sidecar.yaml"],
+                         ids=lambda p: p.parent.name)
+def test_downward_api_feeds_k8s_resource_attributes(path: Path) -> None:
+    sidecar = _sidecar_in(path)
     env = sidecar["env"]
     names = [e["name"] for e in env]
     attrs_at = names.index("OTEL_RESOURCE_ATTRIBUTES")
