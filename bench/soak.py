@@ -1,11 +1,13 @@
 """A soak of millions of requests: ``python -m bench.soak`` (issue #21).
 
 `make soak` paces a Python client through the demo upstream at a few hundred
-requests a second; millions of requests need more. This drives the bench's sidecar
-row (the lean envoy.yaml; ``SOAK_CONFIG=full``: envoy-full.yaml) with wrk, closed
-loop, through the bench's fast upstream, for ``SOAK_SECONDS`` (default 1200), and
-samples the sidecar's RSS, the requests served (its spans: one per request) and its
-``extproc.state.size`` (admin /metrics) every 5 s. The verdict is `make soak`'s: the
+requests a second; millions of requests need more. This drives a bench row with wrk,
+closed loop, through the bench's fast upstream, for ``SOAK_SECONDS`` (default 1200):
+``SOAK_CONFIG`` ``lean`` (default: the sidecar row, envoy.yaml), ``full``
+(envoy-full.yaml) or ``prefilter`` (1 % sampled, Envoy asks about those only; the
+others are counted from its access log). Every 5 s it samples the sidecar's RSS and
+the requests Envoy received, and at the end the sidecar's ``extproc.state.size``
+(admin /metrics). The verdict is `make soak`'s: the
 warm-up (``SOAK_WARMUP_SECONDS``, default 120) is reported; the steady state's second
 half must grow at most 64 KiB/min, at a rate where a 10-byte-per-request leak would
 not. Writes ``results/soak-<UTC stamp>.json``; exits 1 on a violation.
@@ -23,14 +25,19 @@ import urllib.request
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from bench.load import run_wrk
 from bench.run import Bench, BenchOptions
 from ext_proc.dev.devstack import ROOT, free_port
-from ext_proc.dev.soak import SoakConfig, parse_exposition, rss_kib, steady_state
+from ext_proc.dev.procs import envoy_stat
+from ext_proc.dev.soak import SoakConfig, parse_exposition, rss_kib
+from ext_proc.dev.steady import steady_state
 
 STATE_SIZE = "extproc_state_size"
+REQUESTS = "http.ingress.downstream_rq_total"
 INTERVAL_S = 5.0
+VARIANTS = {"lean": "sidecar", "full": "sidecar-full", "prefilter": "sidecar-1pct-prefilter"}
 
 
 def state_sizes(url: str) -> dict[str, float]:
@@ -41,10 +48,10 @@ def state_sizes(url: str) -> dict[str, float]:
             for (name, labels), value in scrape.items() if name == STATE_SIZE and value}
 
 
-def main() -> int:
-    config = replace(SoakConfig.from_env(), seconds=float(os.environ.get("SOAK_SECONDS", 1200)),
-                     warmup_seconds=float(os.environ.get("SOAK_WARMUP_SECONDS", 120)))
-    variant = "sidecar-full" if os.environ.get("SOAK_CONFIG") == "full" else "sidecar"
+def soak(config: SoakConfig, variant: str, interval_s: float = INTERVAL_S,
+         ) -> tuple[dict[str, Any], list[str]]:
+    """Run `variant` (a bench row) under wrk for `config.seconds`: the report, and what
+    `make soak`'s verdict finds wrong with it."""
     admin = free_port()
     options = BenchOptions(rounds=1, seconds=config.seconds, workers=1,
                            connections=config.connections, threads=1, variants=(variant,),
@@ -54,15 +61,16 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="soak-") as tmp, Bench(options, Path(tmp)) as bench:
         with bench.started(variant, Path(tmp)) as running:
             assert running.sidecar is not None and running.sidecar.popen is not None
-            pid, spans0, done = running.sidecar.popen.pid, bench.receiver.spans, threading.Event()
+            pid, admin_port = running.sidecar.popen.pid, running.ports.admin
+            done = threading.Event()
 
             def sample() -> None:
                 started = time.monotonic()
-                while not done.wait(INTERVAL_S):
+                while not done.wait(interval_s):
                     rss = rss_kib(pid)
                     if rss is not None:
                         points.append((time.monotonic() - started, float(rss),
-                                       bench.receiver.spans - spans0))
+                                       envoy_stat(admin_port, REQUESTS)))
             sampler = threading.Thread(target=sample, daemon=True)
             sampler.start()
             load = run_wrk(running.url, config.seconds, Path(tmp), threads=1,
@@ -91,6 +99,13 @@ def main() -> int:
                         f"{config.max_slope_kib_per_min}")
     if steady.per_request(config.max_slope_kib_per_min) > config.leak_bytes_per_request:
         problems.append("too few requests to see a 10-byte-per-request leak")
+    return report, problems
+
+
+def main() -> int:
+    config = replace(SoakConfig.from_env(), seconds=float(os.environ.get("SOAK_SECONDS", 1200)),
+                     warmup_seconds=float(os.environ.get("SOAK_WARMUP_SECONDS", 120)))
+    report, problems = soak(config, VARIANTS[os.environ.get("SOAK_CONFIG") or "lean"])
     out = ROOT / "results"
     out.mkdir(exist_ok=True)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")

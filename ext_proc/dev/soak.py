@@ -24,14 +24,13 @@ the reliability e2e tests.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Final
@@ -39,6 +38,7 @@ from typing import Final
 from ext_proc.dev.demo.receiver import OtlpReceiver
 from ext_proc.dev.devstack import Config, Stack, free_port, wait_until
 from ext_proc.dev.loadgen import Load
+from ext_proc.dev.steady import steady_state
 
 STREAMS_ACTIVE: Final = "extproc_stream_active"
 ACTIVE_REQUESTS: Final = "http_server_active_requests"
@@ -83,19 +83,6 @@ def parse_exposition(text: str) -> Scrape:
 def value_of(scrape: Scrape, name: str, labels: Mapping[str, str] | None = None) -> float:
     """The sample `name` with exactly `labels` (0 when absent)."""
     return scrape.get((name, frozenset((labels or {}).items())), 0.0)
-
-
-def slope_per_min(points: Sequence[tuple[float, float]]) -> float:
-    """Least-squares slope of (seconds, value) points, per minute (0 for < 2 points)."""
-    if len(points) < 2:
-        return 0.0
-    n = len(points)
-    mean_t = sum(t for t, _ in points) / n
-    mean_v = sum(v for _, v in points) / n
-    var = sum((t - mean_t) ** 2 for t, _ in points)
-    if var == 0:
-        return 0.0
-    return 60.0 * sum((t - mean_t) * (v - mean_v) for t, v in points) / var
 
 
 class SidecarProbe:
@@ -206,38 +193,6 @@ def _sample_rss(probe: SidecarProbe, load: Load, interval: float,
         points.append((time.monotonic() - started, float(probe.rss_kib()), load.sent()))
         receiver.clear()  # keep the soak process itself bounded
     return points
-
-
-@dataclass(frozen=True)
-class SteadyState:
-    """The window the soak judges: the second half of what follows the warm-up."""
-
-    slope_kib_per_min: float
-    requests: int
-    seconds: float
-
-    @property
-    def rps(self) -> float:
-        return self.requests / self.seconds if self.seconds > 0 else 0.0
-
-    def per_request(self, kib_per_min: float) -> float:
-        """Bytes per request that a slope of `kib_per_min` means at this window's rate."""
-        return kib_per_min * 1024 / (self.rps * 60) if self.rps else math.inf
-
-
-def steady_state(points: Sequence[tuple[float, float, int]],
-                 warmup_s: float) -> SteadyState:
-    """The least-squares RSS slope and the requests sent over the second half of the
-    samples taken after `warmup_s` (points: seconds, RSS KiB, requests sent so far)."""
-    after = [p for p in points if p[0] >= warmup_s]
-    if len(after) < 2:
-        return SteadyState(0.0, 0, 0.0)
-    middle = (after[0][0] + after[-1][0]) / 2
-    half = [p for p in after if p[0] >= middle]
-    if len(half) < 2:
-        return SteadyState(0.0, 0, 0.0)
-    return SteadyState(slope_per_min([(t, rss) for t, rss, _ in half]),
-                       half[-1][2] - half[0][2], half[-1][0] - half[0][0])
 
 
 def run_soak(config: SoakConfig, workdir: Path) -> SoakReport:

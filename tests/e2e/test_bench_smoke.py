@@ -8,6 +8,8 @@ import pytest
 
 from bench.hotpath import measure
 from bench.run import BenchOptions, run_bench
+from bench.soak import VARIANTS as SOAK_VARIANTS
+from bench.soak import soak
 from bench.variants import (
     ECHO,
     EXT_PROC_FILTER,
@@ -17,6 +19,7 @@ from bench.variants import (
     upstream_config,
 )
 from ext_proc.dev.devstack import Ports, envoy_binary, hcm_of
+from ext_proc.dev.soak import SoakConfig
 from ext_proc.envoy_config.embed import envoy_validate
 
 pytestmark = pytest.mark.e2e
@@ -129,3 +132,18 @@ def test_hotpath_drives_every_exchange_to_an_exported_span(full: bool) -> None:
 def test_the_fast_upstream_config_is_valid() -> None:
     result = envoy_validate(upstream_config(8080), envoy_binary())
     assert result.ok, result.output[-3000:]
+
+
+@pytest.mark.parametrize("config", ["lean", "prefilter"])
+def test_the_long_soak_reports_its_steady_state_and_the_state_sizes(config: str) -> None:
+    """`make soak-long` (#21) for a few seconds: requests counted by Envoy, the steady
+    state's window, the sidecar's extproc.state sizes at the end."""
+    report, problems = soak(SoakConfig(seconds=6, connections=4, warmup_seconds=2),
+                            SOAK_VARIANTS[config], interval_s=0.5)
+    assert report["requests"] > 0 and report["errors"] == 0, report
+    assert report["steady_requests"] > 0 and report["rss_start_kib"] > 0, report
+    sizes = report["state_sizes_end"]
+    assert 0 < sizes["server.closed_streams"] <= 8192, sizes
+    if config == "prefilter":  # un-asked requests: counted from Envoy's access log
+        assert sizes.get("join.recent", 0) > 0, sizes
+    assert not [p for p in problems if "failed" in p], problems

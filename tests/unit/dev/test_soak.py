@@ -7,7 +7,8 @@ from dataclasses import replace
 
 import pytest
 
-from ext_proc.dev.soak import SoakConfig, SoakReport, steady_state
+from ext_proc.dev.soak import SoakConfig, SoakReport
+from ext_proc.dev.steady import lower_envelope, steady_state
 
 RATE = 400.0  # requests/s
 
@@ -73,3 +74,22 @@ def test_without_samples_after_the_warm_up_nothing_is_judged_as_flat() -> None:
     steady = steady_state(run(6, 70_000.0), config.warmup_seconds)
     assert steady.requests == 0
     assert steady.per_request(config.max_slope_kib_per_min) == float("inf")
+
+
+def test_transient_swings_do_not_read_as_growth_but_a_leak_under_them_does() -> None:
+    """Buffers lift RSS for a few seconds at a time (here +1.5 MiB for the last 5 s of
+    each minute): a least-squares line through the samples reads a trend from where
+    the window cuts them; the lower envelope does not, and still sees a leak."""
+    config = SoakConfig()
+
+    def swinging(leak_bytes: float) -> list[tuple[float, float, int]]:
+        return [(t, rss + (1536.0 if t % 60 >= 55 else 0.0), n)
+                for t, rss, n in run(300, 70_000.0, leak_bytes=leak_bytes)]
+    flat = steady_state(swinging(0.0), config.warmup_seconds)
+    assert abs(flat.slope_kib_per_min) < 1.0
+    raw = steady_state(swinging(0.0), config.warmup_seconds, envelope_s=1.0)
+    assert raw.slope_kib_per_min > config.max_slope_kib_per_min  # what it would say
+    leaking = steady_state(swinging(10.0), config.warmup_seconds)
+    assert leaking.per_request(leaking.slope_kib_per_min) == pytest.approx(10.0, rel=0.05)
+    assert lower_envelope([(0.0, 5.0), (3.0, 1.0), (10.0, 7.0), (12.0, 2.0)], 10.0) == [
+        (3.0, 1.0), (12.0, 2.0)]
