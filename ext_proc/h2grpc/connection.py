@@ -12,8 +12,6 @@ import functools
 from typing import TYPE_CHECKING, Any, Final, cast
 
 import grpc
-import h2.config
-import h2.connection
 import h2.errors
 import h2.events
 import h2.exceptions
@@ -28,49 +26,15 @@ from ext_proc.h2grpc.call import (
     trailers,
 )
 from ext_proc.h2grpc.direct import DirectCall, Metadata
+from ext_proc.h2grpc.h2state import server_connection
 from ext_proc.h2grpc.outbound import Outbound
 
 if TYPE_CHECKING:
     from ext_proc.h2grpc.server import Server
 
-_CONFIG: Final = h2.config.H2Configuration(
-    client_side=False, header_encoding=None,
-    # No per-header checks on the way out: our few headers are constants. None on the
-    # way in either: h2 would answer a header value with surrounding spaces (which
-    # grpc accepts) with a connection error, ending every stream of that Envoy
-    # worker; only :path is read here, and the servicers parse what they use.
-    validate_outbound_headers=False, normalize_outbound_headers=False,
-    validate_inbound_headers=False, normalize_inbound_headers=False)
-_WINDOW: Final = 1 << 20  # per-stream receive window we announce
 _CONNECTION_WINDOW: Final = 16 << 20
 KEPT_METADATA: Final = 64  # decoded header blocks kept per connection
 _PREFIX: Final = 5  # gRPC message: compressed flag (1 byte) + length (4 bytes, big endian)
-
-
-class _DrainingStateMachine(h2.connection.H2ConnectionStateMachine):
-    """h2's connection states, except that a GOAWAY (either way) does not end the
-    streams already open: HTTP/2 lets them finish (RFC 9113, 6.8), h2 would call
-    every later frame of theirs a protocol error and drop the connection."""
-
-    _transitions = {  # noqa: RUF012 (h2 declares it as an instance attribute)
-        **h2.connection.H2ConnectionStateMachine._transitions,
-        **{(h2.connection.ConnectionState.CLOSED, event): (None,
-                                                            h2.connection.ConnectionState.CLOSED)
-           for (state, event) in h2.connection.H2ConnectionStateMachine._transitions
-           if state is h2.connection.ConnectionState.SERVER_OPEN},
-    }
-
-
-# Closed streams each connection remembers, to tell a late frame on a stream it reset
-# (answered RST_STREAM) from a protocol error (connection error). h2 keeps 65,536: an
-# OrderedDict of ~150 bytes an entry, ~10 MB per connection once that many streams
-# have passed, which was the sidecar's whole memory "warm-up" (#21). 8,192 is seconds
-# of history at any rate one connection serves here.
-CLOSED_STREAMS_KEPT: Final = 8192
-
-
-class _H2Connection(h2.connection.H2Connection):
-    MAX_CLOSED_STREAMS = CLOSED_STREAMS_KEPT
 
 
 _OVERLOADED: Final = RESPONSE_HEADERS + trailers(grpc.StatusCode.UNAVAILABLE, "overloaded")
@@ -83,14 +47,7 @@ def _unimplemented(path: bytes) -> Headers:
 
 class Connection(Outbound, asyncio.Protocol):
     def __init__(self, server: Server) -> None:
-        connection = _H2Connection(_CONFIG)
-        connection.local_settings = h2.settings.Settings(client=False, initial_values={
-            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: server.max_concurrent_streams,
-            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: _WINDOW,
-            h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: 16 * 1024,
-        })
-        connection.state_machine = _DrainingStateMachine()
-        super().__init__(server, connection)
+        super().__init__(server, server_connection(server.max_concurrent_streams))
         self._reading = False  # inside data_received
         self._opened = 0
         self._to_settle: list[DirectCall] = []

@@ -13,8 +13,9 @@ from typing import Any, NamedTuple
 from loguru import logger
 
 from ext_proc.config.core import split_host_port
-from ext_proc.h2grpc.connection import CLOSED_STREAMS_KEPT, KEPT_METADATA, Connection
+from ext_proc.h2grpc.connection import KEPT_METADATA, Connection
 from ext_proc.h2grpc.direct import DirectMethod
+from ext_proc.h2grpc.h2state import CLOSED_STREAMS_KEPT
 from ext_proc.telemetry.throttle import Throttle
 
 

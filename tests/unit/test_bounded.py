@@ -32,7 +32,8 @@ from ext_proc.exchange.als import FinalFacts
 from ext_proc.exchange.join import AccessLogJoin
 from ext_proc.exchange.unasked import CachedPaths, RouteTemplates
 from ext_proc.h2grpc import Server
-from ext_proc.h2grpc.connection import CLOSED_STREAMS_KEPT, Connection
+from ext_proc.h2grpc.connection import Connection
+from ext_proc.h2grpc.h2state import CLOSED_STREAMS_KEPT
 from ext_proc.policy.propagation import PropagatorCache, Rejections
 from ext_proc.policy.sampling import build_sampling
 from ext_proc.policy.sampling.directive import RequestFacts
