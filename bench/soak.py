@@ -32,7 +32,7 @@ from bench.run import Bench, BenchOptions
 from ext_proc.dev.devstack import ROOT, free_port
 from ext_proc.dev.procs import envoy_stat
 from ext_proc.dev.soak import SoakConfig, parse_exposition, rss_kib
-from ext_proc.dev.steady import steady_state
+from ext_proc.dev.steady import memory_problems, steady_state
 
 STATE_SIZE = "extproc_state_size"
 REQUESTS = "http.ingress.downstream_rq_total"
@@ -94,11 +94,8 @@ def soak(config: SoakConfig, variant: str, interval_s: float = INTERVAL_S,
         "rss_every_minute": [(round(t), rss, n) for t, rss, n in points[::12]],
     }
     problems = [f"{load.errors} requests failed"] if load.errors else []
-    if steady.slope_kib_per_min > config.max_slope_kib_per_min:
-        problems.append(f"steady-state slope {steady.slope_kib_per_min:.1f} KiB/min exceeds "
-                        f"{config.max_slope_kib_per_min}")
-    if steady.per_request(config.max_slope_kib_per_min) > config.leak_bytes_per_request:
-        problems.append("too few requests to see a 10-byte-per-request leak")
+    problems += memory_problems(steady, config.max_slope_kib_per_min,
+                                config.leak_bytes_per_request)
     return report, problems
 
 

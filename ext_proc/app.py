@@ -184,7 +184,8 @@ def build_sidecar(settings: Settings, telemetry: Telemetry | None = None) -> Sid
     bounded = (*propagators.bounded(), *route_options.bounded(), *routes.bounded(),
                *paths.bounded(), *(join.bounded() if join is not None else ()),
                *sampling.bounded(), *(exporter() if exporter is not None else ()),
-               *(Bounded(*b) for b in getattr(server, "bounded", tuple)()))
+               *(Bounded(*b) for b in getattr(server, "bounded", tuple)()),
+               *observability.bounded())
     observability.watch(lambda: len(processor.active), rejections.snapshot,
                         server=(lambda: getattr(server, "shed", 0),
                                 lambda: getattr(server, "protocol_errors", 0)),
@@ -198,7 +199,7 @@ def build_sidecar(settings: Settings, telemetry: Telemetry | None = None) -> Sid
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     return Sidecar(settings, telemetry, processor, health_servicer, server, rejections,
                    sampling, sampling_digest=digest, observability=observability, join=join,
-                   bounded=(*bounded, *observability.bounded()))
+                   bounded=bounded)
 
 
 def unasked_requests(observers: tuple[StreamObserver, ...], paths: CachedPaths,

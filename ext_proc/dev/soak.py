@@ -38,7 +38,7 @@ from typing import Final
 from ext_proc.dev.demo.receiver import OtlpReceiver
 from ext_proc.dev.devstack import Config, Stack, free_port, wait_until
 from ext_proc.dev.loadgen import Load
-from ext_proc.dev.steady import steady_state
+from ext_proc.dev.steady import SteadyState, memory_problems, steady_state
 
 STREAMS_ACTIVE: Final = "extproc_stream_active"
 ACTIVE_REQUESTS: Final = "http_server_active_requests"
@@ -162,14 +162,10 @@ class SoakReport:
         found = []
         if self.failed:
             found.append(f"{self.failed} client requests failed")
-        if self.slope_kib_per_min > config.max_slope_kib_per_min:
-            found.append(f"RSS slope {self.slope_kib_per_min:.1f} KiB/min over the steady "
-                         f"state's second half exceeds {config.max_slope_kib_per_min} KiB/min "
-                         f"({self.bytes_per_request:.1f} bytes per request)")
-        if self.detectable_bytes_per_request > config.leak_bytes_per_request:
-            found.append(f"{self.steady_rps:.0f} req/s in the steady state: a leak under "
-                         f"{self.detectable_bytes_per_request:.1f} bytes per request would "
-                         f"pass unseen (needs {config.leak_bytes_per_request}); raise SOAK_RATE")
+        window = self.steady_requests / self.steady_rps if self.steady_rps else 0.0
+        found += memory_problems(
+            SteadyState(self.slope_kib_per_min, self.steady_requests, window),
+            config.max_slope_kib_per_min, config.leak_bytes_per_request)
         if self.streams_active_end or self.active_requests_end:
             found.append("per-stream state left after the load: "
                          f"{self.streams_active_end} streams, "

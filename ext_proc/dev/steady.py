@@ -60,6 +60,23 @@ class SteadyState:
         return kib_per_min * 1024 / (self.rps * 60) if self.rps else math.inf
 
 
+def memory_problems(steady: SteadyState, max_slope_kib_per_min: float,
+                    leak_bytes_per_request: float) -> list[str]:
+    """What the soak's verdict finds wrong with a steady state: growth past the bound,
+    or a rate too low for a leak of `leak_bytes_per_request` to show."""
+    found = []
+    if steady.slope_kib_per_min > max_slope_kib_per_min:
+        found.append(f"RSS slope {steady.slope_kib_per_min:.1f} KiB/min over the steady "
+                     f"state's second half exceeds {max_slope_kib_per_min} KiB/min "
+                     f"({steady.per_request(steady.slope_kib_per_min):.1f} bytes per request)")
+    detectable = steady.per_request(max_slope_kib_per_min)
+    if detectable > leak_bytes_per_request:
+        found.append(f"{steady.rps:.0f} req/s in the steady state: a leak under "
+                     f"{detectable:.1f} bytes per request would pass unseen (needs "
+                     f"{leak_bytes_per_request}); raise the rate")
+    return found
+
+
 def steady_state(points: Sequence[tuple[float, float, int]], warmup_s: float,
                  envelope_s: float = ENVELOPE_S) -> SteadyState:
     """The RSS slope and the requests sent over the second half of the samples taken

@@ -24,6 +24,7 @@ from opentelemetry.trace import INVALID_SPAN_CONTEXT
 from ext_proc._gen.envoy.data.accesslog.v3 import accesslog_pb2 as log_pb
 from ext_proc.exchange.als import response_flag_codes, response_of
 from ext_proc.exchange.outcome import GRPC_CODE_NAMES, GRPC_SERVER_ERRORS, RESET_FLAGS, grpc_code
+from ext_proc.exchange.timings import upstream_seconds
 from ext_proc.request.envoy_attrs import FLAG_ERROR_TYPES
 from ext_proc.request.seams import Bounded, ExchangeRecord, StreamObserver
 from ext_proc.telemetry import semconv as sc
@@ -134,13 +135,6 @@ class UnaskedRequests:
             duration_s = common.duration.seconds + common.duration.nanos / 1e9
         else:
             duration_s = 0.0
-        upstream_s: float | None = None
-        if common.HasField("time_to_first_upstream_tx_byte") \
-                and common.HasField("time_to_last_upstream_rx_byte"):
-            first, last = common.time_to_first_upstream_tx_byte, \
-                common.time_to_last_upstream_rx_byte
-            upstream_s = max(0.0, (last.seconds - first.seconds)
-                             + (last.nanos - first.nanos) / 1e9)
         flags = (response_flag_codes(common.response_flags)
                  if common.HasField("response_flags") else ())
         number = request.request_method
@@ -164,7 +158,7 @@ class UnaskedRequests:
                   else raw_path.partition("?")[0]) if raw_path else None,
             request_id=request.request_id or None,
             response_body_size=body,
-            upstream_s=upstream_s,
+            upstream_s=upstream_seconds(common),
         )
 
     def handle(self, entries: Sequence[log_pb.HTTPAccessLogEntry]) -> None:

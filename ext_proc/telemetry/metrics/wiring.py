@@ -48,14 +48,14 @@ class Observability:
               server: tuple[Callable[[], int], Callable[[], int]] | None = None,
               bounded: Iterable[Bounded] = ()) -> None:
         """Observe live values of the built app (called once); `bounded`: the app's
-        caches and waiting sets (the metric tables' own are added here)."""
+        caches and waiting sets, the metric tables' (`bounded()`) among them."""
         runtime = self.metrics.runtime if self.metrics else None
         if runtime is not None:
             runtime.observe_streams(active_streams)
             runtime.observe_rejections(rejections)
             if server is not None:  # (streams shed, protocol errors) of the h2 engine
                 runtime.observe_server(*server)
-            runtime.observe_state((*bounded, *self.bounded()))
+            runtime.observe_state(bounded)
 
     def bounded(self) -> tuple[Bounded, ...]:
         """The metric tables' attribute sets."""
