@@ -18,7 +18,7 @@ from bench.variants import (
     proxy_config,
     upstream_config,
 )
-from ext_proc.dev.devstack import Ports, envoy_binary, hcm_of
+from ext_proc.dev.devstack import Ports, envoy_binary, free_port, hcm_of
 from ext_proc.dev.soak import SoakConfig
 from ext_proc.envoy_config.embed import envoy_validate
 
@@ -89,7 +89,7 @@ def test_the_phases_and_grpclib_rows_serve_and_count(tmp_path: Path) -> None:
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_every_bench_config_is_valid_and_differs_only_in_tracing(
         variant: str, tmp_path: Path) -> None:
-    config = proxy_config(variant, Ports(), tmp_path / "access.log", receiver_port=4317)
+    config = proxy_config(variant, Ports(), tmp_path / "access.log", receiver_port=free_port())
     result = envoy_validate(config, envoy_binary())
     assert result.ok, result.output[-3000:]
     hcm = hcm_of(config)
@@ -106,7 +106,7 @@ def test_every_bench_config_is_valid_and_differs_only_in_tracing(
 
 @pytest.mark.parametrize("variant", [*SIDECAR_AB, *ECHO])
 def test_every_opt_in_config_is_valid(variant: str, tmp_path: Path) -> None:
-    config = proxy_config(variant, Ports(), tmp_path / "access.log", receiver_port=4317)
+    config = proxy_config(variant, Ports(), tmp_path / "access.log", receiver_port=free_port())
     result = envoy_validate(config, envoy_binary())
     assert result.ok, result.output[-3000:]
     assert EXT_PROC_FILTER in [f["name"] for f in hcm_of(config)["http_filters"]]
@@ -130,7 +130,7 @@ def test_hotpath_drives_every_exchange_to_an_exported_span(full: bool) -> None:
 
 
 def test_the_fast_upstream_config_is_valid() -> None:
-    result = envoy_validate(upstream_config(8080), envoy_binary())
+    result = envoy_validate(upstream_config(free_port()), envoy_binary())
     assert result.ok, result.output[-3000:]
 
 

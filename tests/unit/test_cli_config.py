@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from ext_proc.cli import main
 from ext_proc.config import ConfigError, load_settings
 from ext_proc.config.core import is_loopback, split_host_port
+from ext_proc.dev.devstack import free_port
 
 
 def test_defaults_listen_on_loopback() -> None:
@@ -24,15 +25,15 @@ def test_defaults_listen_on_loopback() -> None:
 def test_precedence_init_over_env_over_yaml(tmp_path: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     config = tmp_path / "c.yaml"
-    config.write_text("server:\n  listen: 127.0.0.1:1111\n  grace_s: 3\nlog:\n  level: DEBUG\n")
-    assert load_settings(config).server.listen == "127.0.0.1:1111"
-    monkeypatch.setenv("EXTPROC_SERVER__LISTEN", "127.0.0.1:2222")
+    from_yaml, from_env, from_init = (f"127.0.0.1:{free_port()}" for _ in range(3))
+    config.write_text(f"server:\n  listen: {from_yaml}\n  grace_s: 3\nlog:\n  level: DEBUG\n")
+    assert load_settings(config).server.listen == from_yaml
+    monkeypatch.setenv("EXTPROC_SERVER__LISTEN", from_env)
     settings = load_settings(config)
-    assert settings.server.listen == "127.0.0.1:2222"
+    assert settings.server.listen == from_env
     assert settings.server.grace_s == 3  # the rest of the file still applies
     assert settings.log.level == "DEBUG"
-    assert load_settings(config, server={"listen": "127.0.0.1:3333"}).server.listen \
-        == "127.0.0.1:3333"
+    assert load_settings(config, server={"listen": from_init}).server.listen == from_init
 
 
 @pytest.mark.parametrize(("yaml_text", "needle"), [
@@ -60,12 +61,13 @@ def test_unparsable_and_missing_files_are_clear_errors(tmp_path: Path) -> None:
 
 def test_check_config_prints_the_effective_config(tmp_path: Path) -> None:
     config = tmp_path / "c.yaml"
-    config.write_text("server:\n  listen: 127.0.0.1:7777\n")
+    listen = f"127.0.0.1:{free_port()}"
+    config.write_text(f"server:\n  listen: {listen}\n")
     result = CliRunner().invoke(main, ["check-config", "--config", str(config)],
                                 env={"EXTPROC_LOG__LEVEL": "WARNING"})
     assert result.exit_code == 0, result.output
     shown = json.loads(result.output)
-    assert shown["server"]["listen"] == "127.0.0.1:7777"
+    assert shown["server"]["listen"] == listen
     assert shown["log"]["level"] == "WARNING"
 
 

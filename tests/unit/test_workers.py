@@ -66,13 +66,14 @@ def test_reservation_of_a_taken_port_fails() -> None:
 
 
 def test_worker_settings_round_trip_with_the_resolved_port_and_offset_admin_port() -> None:
+    admin, resolved = free_port(), free_port()
     settings = load_settings(
-        server={"listen": "127.0.0.1:0", "workers": 3}, admin={"listen": "127.0.0.1:9100"},
+        server={"listen": "127.0.0.1:0", "workers": 3}, admin={"listen": f"127.0.0.1:{admin}"},
         redaction={"hmac_secret": "s3cret-s3cret-s3cret-s3cret-s3cret"})
-    dump = worker_settings(settings, "127.0.0.1:4242", index=2)
+    dump = worker_settings(settings, f"127.0.0.1:{resolved}", index=2)
     rebuilt = Settings(**dump)
-    assert rebuilt.server.listen == "127.0.0.1:4242"
-    assert rebuilt.admin.listen == "127.0.0.1:9102"
+    assert rebuilt.server.listen == f"127.0.0.1:{resolved}"
+    assert rebuilt.admin.listen == f"127.0.0.1:{admin + 2}"
     assert rebuilt.server.workers == 3
     secret = rebuilt.redaction.hmac_secret
     assert isinstance(secret, SecretStr)

@@ -29,7 +29,7 @@ from click.testing import CliRunner
 
 from ext_proc.cli import main
 from ext_proc.config import Settings, load_settings
-from ext_proc.dev.devstack import ROOT
+from ext_proc.dev.devstack import ROOT, free_port
 from ext_proc.envoy_config import istio_mesh_config, options_for, render, unwrap
 
 Doc = dict[str, Any]
@@ -225,9 +225,10 @@ def test_shipped_mesh_config_is_valid_and_what_envoy_config_prints() -> None:
 
 
 def test_printed_mesh_config_follows_the_sidecar_address() -> None:
-    mesh = _printed_mesh_config("--sidecar-address", "127.0.0.1:7070")
+    port = free_port()
+    mesh = _printed_mesh_config("--sidecar-address", f"127.0.0.1:{port}")
     assert mesh_config_errors(mesh) == []
-    assert mesh["extensionProviders"][0]["envoyHttpAls"]["port"] == 7070
+    assert mesh["extensionProviders"][0]["envoyHttpAls"]["port"] == port
 
 
 def _provider(mesh: Doc) -> Doc:

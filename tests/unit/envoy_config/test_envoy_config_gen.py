@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from ext_proc.cli import main
 from ext_proc.config import Settings, load_settings
-from ext_proc.dev.devstack import envoy_binary
+from ext_proc.dev.devstack import envoy_binary, free_port
 from ext_proc.envoy_config import (
     EG_ATTRIBUTE,
     EXT_PROC_FILTER,
@@ -59,14 +59,15 @@ def test_snippet_carries_the_attributes_mode_and_namespace_of_the_settings() -> 
 
 
 def test_snippet_has_the_graceful_close_flag_and_a_sidecar_h2_cluster() -> None:
-    settings = load_settings(server={"listen": "0.0.0.0:6001"})
+    port = free_port()
+    settings = load_settings(server={"listen": f"0.0.0.0:{port}"})
     doc = snippet(settings, options_for(settings))
     layer = doc["layered_runtime"]["layers"][0]
     assert layer["static_layer"] == {GRACEFUL_CLOSE_FLAG: True}
     cluster = doc["clusters"][0]
     address = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"][
         "address"]["socket_address"]
-    assert address == {"address": "127.0.0.1", "port_value": 6001}  # wildcard -> loopback
+    assert address == {"address": "127.0.0.1", "port_value": port}  # wildcard -> loopback
     assert cluster["type"] == "STATIC"
     options = cluster["typed_extension_protocol_options"]
     (h2,) = options.values()
@@ -135,12 +136,13 @@ def test_unknown_format_is_rejected() -> None:
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_cli_prints_each_format_and_envoy_accepts_it(fmt: str) -> None:
+    port = free_port()
     result = CliRunner().invoke(main, ["envoy-config", "--format", fmt,
-                                       "--sidecar-address", "127.0.0.1:7070"])
+                                       "--sidecar-address", f"127.0.0.1:{port}"])
     assert result.exit_code == 0, result.output
     configs = [c for doc in _docs(result.output) for c in envoy_configs(doc)]
     assert configs, f"no Envoy config in --format {fmt}"
-    assert "port_value: 7070" in result.output or "port: 7070" in result.output
+    assert f"port_value: {port}" in result.output or f"port: {port}" in result.output
     for config in configs:
         verdict = envoy_validate(config, envoy_binary())
         assert verdict.ok, verdict.output[-2000:]
