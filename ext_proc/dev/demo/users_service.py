@@ -200,6 +200,9 @@ def _slow_ms(query: str) -> int:
 
 class UsersServer(ThreadingHTTPServer):
     daemon_threads = True
+    # listen backlog: socketserver's 5 refuses connections when Envoy opens dozens at
+    # once (a burst of concurrent requests), and Envoy answers those 503 itself
+    request_queue_size = 128
 
     def __init__(self, address: tuple[str, int], app: UsersApp) -> None:
         self.app = app
