@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Final
 
@@ -62,15 +63,17 @@ class AccessLogJoin:
             namespace=namespace, awaited=self.awaited)
         # entries just counted as un-asked, by request id, oldest first: in overload an
         # entry can come before its exchange's first message is even read; the exchange
-        # then finds it here instead of waiting response_wait_s for it
-        self._recent: dict[str, log_pb.HTTPAccessLogEntry] = {}
+        # then finds it here instead of waiting response_wait_s for it. An OrderedDict:
+        # `next(iter(d))` on a plain dict walks the slots of every entry deleted since
+        # its last resize (~4.5 µs per un-asked entry at this size, against 0.3)
+        self._recent: OrderedDict[str, log_pb.HTTPAccessLogEntry] = OrderedDict()
         self._now = loop_time
         self._probe_s = probe_s
         self._probe_until: float | None = None
         self._settled: asyncio.Event | None = None  # for `settled`
         # request ids of exchanges still open (their entry may come first: overload,
         # message_timeout, observability mode); an ordered set, oldest first
-        self._open: dict[str, None] = {}
+        self._open: OrderedDict[str, None] = OrderedDict()
 
     MAX_OPEN: Final = 65_536  # open exchanges remembered (a stream that never closes
     # cleanly must not grow the set: the oldest is forgotten)
@@ -80,7 +83,7 @@ class AccessLogJoin:
         if request_id:
             self._open[request_id] = None
             if len(self._open) > self.MAX_OPEN:
-                del self._open[next(iter(self._open))]
+                self._open.popitem(last=False)
 
     OVERLOAD_WAIT_S: Final = 10.0  # the wait for an entry, in overload
     OVERLOAD_WINDOW_S: Final = 10.0  # overload lasts this long after its last sign
@@ -102,7 +105,7 @@ class AccessLogJoin:
             if entry.request.request_id:
                 recent[entry.request.request_id] = entry
         while len(recent) > self.MAX_RECENT:
-            del recent[next(iter(recent))]
+            recent.popitem(last=False)
         if self._unasked is not None:
             self._unasked(entries)
 
