@@ -32,6 +32,7 @@ from bench.variants import (
     BENCH_PATH,
     ECHO,
     ECHO_ENV,
+    PREFILTER_PARTS,
     SAMPLED_ENV,
     SAMPLED_RATIO,
     SIDECAR_AB,
@@ -76,10 +77,11 @@ class BenchOptions:
         baseline = env.get("BENCH_BASELINE") or None
         if baseline is not None and names and "baseline" not in names:
             names += ("baseline",)
-        unknown = set(names) - set(VARIANTS) - set(SIDECAR_AB) - set(ECHO) - {"baseline"}
+        unknown = (set(names) - set(VARIANTS) - set(SIDECAR_AB) - set(ECHO)
+                   - set(PREFILTER_PARTS) - {"baseline"})
         if unknown:
             raise ValueError(f"BENCH_CONFIGS: unknown {sorted(unknown)}; use "
-                             f"{VARIANTS + tuple(SIDECAR_AB) + tuple(ECHO)}")
+                             f"{(*VARIANTS, *SIDECAR_AB, *ECHO, *PREFILTER_PARTS)}")
         return cls(
             rounds=int(env.get("BENCH_ROUNDS", d.rounds)),
             seconds=float(env.get("BENCH_SECONDS", d.seconds)),
@@ -101,6 +103,8 @@ class BenchOptions:
             "native-1pct": "Envoy + native OTel tracer (1%)",
             "sidecar-1pct": "Envoy + extproc-otel (1%, Envoy asks about every request)",
             "sidecar-1pct-prefilter": "Envoy + extproc-otel (1%, prefilter)",
+            **{name: f"Envoy + extproc-otel (1%, {part})"
+               for name, part in PREFILTER_PARTS.items()},
             "sidecar": "Envoy + extproc-otel (1 process)",
             "workers": f"Envoy + extproc-otel ({self.workers} processes)"
                        if self.workers > 1 else "Envoy + extproc-otel (1 process, workers.yaml)",
@@ -165,7 +169,7 @@ class Bench:
             return Proc("echo", [sys.executable, "-m", "bench.echo", str(port),
                                  ECHO[variant]], rundir / "echo.log",
                         {**_clean_env(), **ECHO_ENV.get(variant, {})})
-        sampled = variant in ("sidecar-1pct", "sidecar-1pct-prefilter")
+        sampled = variant.startswith("sidecar-1pct")  # the prefilter's parts too
         if variant not in ("sidecar", "workers", "baseline", *SIDECAR_AB) and not sampled:
             return None
         env = {**_clean_env(), "OTEL_EXPORTER_OTLP_ENDPOINT": self.receiver.endpoint,
@@ -243,7 +247,8 @@ class Bench:
                     - spans_before
         if variant.startswith("sidecar-1pct"):
             # Envoy has stopped, so its access log holds every request's id
-            expected = sampled_requests(rundir / "access.log")
+            expected = (0 if variant in PREFILTER_PARTS  # nothing asked: no span
+                        else sampled_requests(rundir / "access.log"))
             spans = self.receiver.wait_for(spans_before + expected, 5, settle=1) - spans_before
         return report.RunResult(
             variant=variant, label=opts.label(variant), round=round_no,

@@ -17,7 +17,9 @@ what traces the request:
 - at 1 % sampling (issue #18): ``native-1pct``, Envoy's tracer sampling 1 %;
   ``sidecar-1pct``, the shipped config (Envoy asks about every request) and a sidecar
   sampling 1 %; ``sidecar-1pct-prefilter``, the same with the ext_proc filter wrapped in
-  the prefilter ``envoy-config`` compiles for 1 % (Envoy asks only about ~1 %).
+  the prefilter ``envoy-config`` compiles for 1 % (Envoy asks only about ~1 %);
+  opt-in, the prefilter taken apart (`PREFILTER_PARTS`): each row adds one piece, and
+  none asks about any request.
 """
 
 from __future__ import annotations
@@ -129,6 +131,26 @@ def _with_prefilter(config: Config, ratio: float) -> None:
         "extension_config": {"name": EXT_PROC_FILTER, "typed_config": inner}}}
 
 
+_SKIP: Final = {"action": {"name": "skip", "typed_config": {
+    "@type": "type.googleapis.com/envoy.extensions.filters.common.matcher.action.v3.SkipFilter"}}}
+
+
+def _prefilter_part(config: Config, variant: str) -> None:
+    """One of `PREFILTER_PARTS`: the shipped config less the ext_proc filter, or with it
+    wrapped as the prefilter wraps it and skipped for every request."""
+    hcm = hcm_of(config)
+    if variant == "sidecar-1pct-alsonly":
+        hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] != EXT_PROC_FILTER]
+        return
+    _with_prefilter(config, SAMPLED_RATIO)
+    (wrapped,) = [f for f in hcm["http_filters"] if f["name"] == EXT_PROC_FILTER]
+    matcher = wrapped["typed_config"]["xds_matcher"]
+    if variant == "sidecar-1pct-wrapped":  # no matcher to evaluate
+        wrapped["typed_config"]["xds_matcher"] = {"on_no_match": _SKIP}
+    else:  # the compiled matcher runs in full; what it does not skip is skipped anyway
+        matcher["on_no_match"] = _SKIP
+
+
 def workers_cluster(source: Path = WORKERS_YAML) -> Config:
     """The ``extproc_otel`` cluster of the scale-out variant file."""
     config = yaml.safe_load(source.read_text())
@@ -160,13 +182,15 @@ def proxy_config(variant: str, ports: Ports, access_log: Path, receiver_port: in
         _native_tracer(config, receiver_port, SAMPLED_RATIO * 100)
     if variant == "sidecar-1pct-prefilter":
         _with_prefilter(config, SAMPLED_RATIO)
+    if variant in PREFILTER_PARTS:
+        _prefilter_part(config, variant)
     if variant == "workers":
         clusters = config["static_resources"]["clusters"]
         index = next(i for i, c in enumerate(clusters) if c["name"] == SIDECAR_CLUSTER)
         spread = workers_cluster(workers_source)
         spread["load_assignment"] = clusters[index]["load_assignment"]  # keep our port
         clusters[index] = spread
-    if variant not in (*VARIANTS, *SIDECAR_AB, *ECHO, "baseline"):
+    if variant not in (*VARIANTS, *SIDECAR_AB, *ECHO, *PREFILTER_PARTS, "baseline"):
         raise ValueError(f"unknown variant {variant!r}")
     return config
 
@@ -188,6 +212,14 @@ SIDECAR_AB: Final = {
     "sidecar-als0": {},
     "sidecar-grpcio": {"EXTPROC_SERVER__ENGINE": "grpcio"},
     "sidecar-phases": {"EXTPROC_STREAM__PHASE_SPANS": "true"},
+}
+# Opt-in rows at 1 % that take the prefilter apart, one piece added per row, to show
+# what each costs Envoy and the sidecar. No request is asked about in any of them (no
+# span is expected); the sidecar counts every request from Envoy's access log.
+PREFILTER_PARTS: Final = {
+    "sidecar-1pct-alsonly": "access log only",  # no ext_proc filter at all
+    "sidecar-1pct-wrapped": "match_delegate, no matcher, all skipped",
+    "sidecar-1pct-matched": "the prefilter's matcher, all skipped",
 }
 # Opt-in rows: the floor, bench/echo.py (answers only) in a mode, behind the shipped
 # config or, with "-full", envoy-full.yaml.

@@ -13,6 +13,7 @@ from bench.soak import soak
 from bench.variants import (
     ECHO,
     EXT_PROC_FILTER,
+    PREFILTER_PARTS,
     SIDECAR_AB,
     VARIANTS,
     proxy_config,
@@ -71,12 +72,15 @@ def test_bench_harness_counts_every_request_and_span(tmp_path: Path) -> None:
     assert (out / "latest.json").exists()
 
 
-def test_the_phases_and_grpclib_rows_serve_and_count(tmp_path: Path) -> None:
+def test_the_phases_grpclib_and_prefilter_part_rows_serve_and_count(tmp_path: Path) -> None:
     """sidecar-phases (#19) counts one SERVER span per request, its phase spans aside;
-    echo-grpclib (#20) answers every request on grpclib (none failed open)."""
+    echo-grpclib (#20) answers every request on grpclib (none failed open); the
+    prefilter's parts (#18) serve every request, ask about none and record no span,
+    and their sidecar still works (it counts them from the access log)."""
+    variants = ("sidecar-phases", "echo-grpclib", *PREFILTER_PARTS)
     options = BenchOptions(rounds=1, seconds=1, light_rate=50, light_seconds=1,
                            warmup_seconds=1, workers=2, connections=8, threads=1,
-                           out=tmp_path / "results", variants=("sidecar-phases", "echo-grpclib"))
+                           out=tmp_path / "results", variants=variants)
     result = run_bench(options, workdir=tmp_path / "work", progress=False)
     rows = {row.variant: row for row in result.rows}
     phases, grpclib = rows["sidecar-phases"], rows["echo-grpclib"]
@@ -84,6 +88,27 @@ def test_the_phases_and_grpclib_rows_serve_and_count(tmp_path: Path) -> None:
     assert phases.failed_open == 0 and phases.errors == 0, phases
     assert grpclib.rps > 0 and grpclib.errors == 0 and grpclib.failed_open == 0, grpclib
     assert grpclib.sidecar_us is not None and grpclib.sidecar_us > 0, grpclib
+    for part in PREFILTER_PARTS:
+        row = rows[part]
+        assert row.requests > 0 and row.errors == 0 and row.asked == 0, row
+        assert row.spans == row.expected_spans == 0, row
+        assert row.sidecar_us is not None and row.sidecar_us > 0, row
+
+
+@pytest.mark.parametrize("part", PREFILTER_PARTS)
+def test_each_prefilter_part_is_valid_and_adds_its_piece(part: str, tmp_path: Path) -> None:
+    config = proxy_config(part, Ports(), tmp_path / "access.log", receiver_port=free_port())
+    result = envoy_validate(config, envoy_binary())
+    assert result.ok, result.output[-3000:]
+    hcm = hcm_of(config)
+    assert "'cluster_name': 'extproc_otel'" in str(hcm["access_log"])  # counted
+    filters = {f["name"]: f for f in hcm["http_filters"]}
+    if part == "sidecar-1pct-alsonly":
+        assert EXT_PROC_FILTER not in filters
+        return
+    matcher = filters[EXT_PROC_FILTER]["typed_config"]["xds_matcher"]
+    assert matcher["on_no_match"]["action"]["typed_config"]["@type"].endswith(".SkipFilter")
+    assert ("matcher_list" in matcher) == (part == "sidecar-1pct-matched")
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
