@@ -29,6 +29,15 @@ done = function(summary, latency, requests)
 end
 """
 _MARK: Final = "BENCH_JSON "
+# With a cap, each thread stops after its share of requests (its own Lua state counts).
+_WRK_CAP_LUA: Final = _WRK_LUA + """
+local cap, count = 0, 0
+init = function(args) cap = tonumber(args[1]) or 0 end
+response = function(status, headers, body)
+  count = count + 1
+  if cap > 0 and count >= cap then wrk.thread:stop() end
+end
+"""
 
 
 @dataclass(frozen=True)
@@ -52,13 +61,21 @@ def wrk_binary() -> str:
 
 
 def run_wrk(url: str, seconds: float, workdir: Path, threads: int = 2,
-            connections: int = 32) -> LoadResult:
-    """Closed loop: `connections` keep-alive connections each sending back to back."""
-    script = workdir / "report.lua"
+            connections: int = 32, max_requests: int = 0) -> LoadResult:
+    """Closed loop: `connections` keep-alive connections each sending back to back.
+
+    With `max_requests`, each of the `threads` stops after its share of them (wrk
+    itself still runs for `seconds`); the count can pass the cap by the requests
+    in flight when a thread stops.
+    """
+    capped = max_requests > 0
+    script = workdir / ("report-capped.lua" if capped else "report.lua")
     if not script.exists():
-        script.write_text(_WRK_LUA)
+        script.write_text(_WRK_CAP_LUA if capped else _WRK_LUA)
     cmd = [wrk_binary(), f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s",
            "-s", str(script), url]
+    if capped:
+        cmd += ["--", str(max(1, max_requests // threads))]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30,
                           check=False)
     line = next((ln for ln in done.stdout.splitlines() if ln.startswith(_MARK)), None)

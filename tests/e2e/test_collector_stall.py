@@ -3,6 +3,13 @@
 The bench's pieces (fast upstream, span counter, shipped Envoy config, one sidecar
 with no OTEL_BSP_* set): wrk drives the gateway closed-loop while the collector
 hangs every trace export for 4 s; afterwards every request Envoy saw has its span.
+
+How many spans a 4 s stall holds depends on the box: 2,700 req/s filled 10,700 of
+the 16,384 slots in Nov, a CI box at 4,600 req/s overfilled them (18,476 requests,
+1,770 spans dropped, as designed). The load is therefore capped at three quarters of
+the queue, still six times the SDK's default queue: the test asserts that whatever
+fits in the queue survives the stall, and the docs state the queue in seconds at
+the measured rate.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ pytestmark = pytest.mark.e2e
 
 STALL_S = 4.0
 SDK_DEFAULT_QUEUE = 2048  # what the prototype lost 22 % of its spans with
+STALL_LOAD = DEFAULT_QUEUE_SIZE * 3 // 4  # requests at most during the stall
 
 
 def _rss_kib(pid: int) -> int:
@@ -45,7 +53,10 @@ def test_a_4s_collector_stall_at_saturation_loses_no_span(tmp_path: Path) -> Non
 
         bench.receiver.stall()
         stalled_at = time.monotonic()
-        during = run_wrk(url, STALL_S, tmp_path, threads=2, connections=32)
+        during = run_wrk(url, STALL_S, tmp_path, threads=2, connections=32,
+                         max_requests=STALL_LOAD)
+        wait_until(lambda: time.monotonic() - stalled_at >= STALL_S, STALL_S + 5,
+                   "the stall's full length")
         rss_during = _rss_kib(sidecar.popen.pid)
         bench.receiver.resume()
         stalled_s = time.monotonic() - stalled_at
@@ -68,6 +79,7 @@ def test_a_4s_collector_stall_at_saturation_loses_no_span(tmp_path: Path) -> Non
     assert stalled_s >= STALL_S
     # the stall held more spans than the SDK's default queue: the test means something
     assert during.requests > SDK_DEFAULT_QUEUE
+    assert during.requests < DEFAULT_QUEUE_SIZE  # the cap held: nothing had to drop
     assert during.errors == 0
     assert spans == requests - failed_open  # every traced request's span arrived
     assert failed_open <= requests // 1000
