@@ -171,6 +171,13 @@ class UnaskedRequests:
                 logger.opt(exception=True).warning("access log entry unreadable")
         self.counted += len(records)
         for observer in self._observers:
+            many = getattr(observer, "streams_finished", None)
+            if many is not None:  # the batch at once (RED metrics, access lines)
+                try:
+                    many(records)
+                except Exception:
+                    logger.opt(exception=True).error("stream observer failed")
+                continue
             finished = observer.stream_finished
             for record in records:
                 try:

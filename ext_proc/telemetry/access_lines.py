@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from typing import Any, Final
 
 from loguru import logger
@@ -47,6 +48,16 @@ class AccessLog:
             logger.bind(**self.fields(record)).info(ACCESS_MESSAGE)
             return
         sink.write_access(self.line(record))
+
+    def streams_finished(self, records: Sequence[ExchangeRecord]) -> None:
+        """`stream_finished` for a batch: the lines handed to the sink together."""
+        sink = logs.direct_sink()
+        if sink is None:
+            for record in records:
+                logger.bind(**self.fields(record)).info(ACCESS_MESSAGE)
+            return
+        line = self.line
+        sink.write_access_many([line(record) for record in records])
 
     @staticmethod
     def line(record: ExchangeRecord) -> str:

@@ -13,6 +13,7 @@ import json
 import logging
 import sys
 import threading
+from collections.abc import Iterable
 from datetime import UTC
 from typing import TYPE_CHECKING, Any, Final, TextIO
 
@@ -83,6 +84,13 @@ class JsonSink:
         """An access line built by `AccessLog` itself (no newline): batched like above."""
         with self._lock:
             self._lines.append(line + "\n")
+            if len(self._lines) >= self.BATCH:
+                self._drain()
+
+    def write_access_many(self, lines: Iterable[str]) -> None:
+        """Several of `write_access`'s lines, under one lock."""
+        with self._lock:
+            self._lines.extend(line + "\n" for line in lines)
             if len(self._lines) >= self.BATCH:
                 self._drain()
 

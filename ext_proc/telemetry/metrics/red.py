@@ -7,7 +7,7 @@ after the phase's answer is written.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Final
 
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
@@ -140,6 +140,32 @@ class RedMetrics:
         if record.upstream_s is not None:
             self._added.record(key, max(record.duration_s - record.upstream_s, 0.0),
                                attributes, context)
+
+
+    def streams_finished(self, records: Sequence[ExchangeRecord]) -> None:
+        """`stream_finished` for a batch (the un-asked requests of one access-log
+        message): grouped by attribute set, one `record_many` per table and group."""
+        groups: dict[tuple[Any, ...], list[ExchangeRecord]] = {}
+        for record in records:
+            if record.started or record.span_context.is_valid:
+                self.stream_finished(record)  # an asked exchange: active count, exemplar
+                continue
+            key = self.key(record)
+            group = groups.get(key)
+            if group is None:
+                groups[key] = [record]
+            else:
+                group.append(record)
+        for key, group in groups.items():
+            def attributes(key: tuple[Any, ...] = key) -> dict[str, Any]:
+                return self.attributes_of(key)
+            self._duration.record_many(
+                key, [max(r.duration_s, 0.0) for r in group], attributes)
+            self._body.record_many(key, [r.response_body_size for r in group
+                                         if r.response_body_size is not None], attributes)
+            self._added.record_many(key, [max(r.duration_s - r.upstream_s, 0.0)
+                                          for r in group if r.upstream_s is not None],
+                                    attributes)
 
 
 class RuntimeMetrics:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import json
 from typing import Any
 
 import pytest
+from loguru import logger
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import INVALID_SPAN_CONTEXT, use_span
 
@@ -13,7 +15,7 @@ from ext_proc._gen.envoy.config.core.v3 import base_pb2
 from ext_proc._gen.envoy.data.accesslog.v3 import accesslog_pb2 as log_pb
 from ext_proc._gen.envoy.service.accesslog.v3 import als_pb2 as pb
 from ext_proc._gen.envoy.service.ext_proc.v3 import external_processor_pb2 as ext_pb
-from ext_proc.config import PropagationSettings
+from ext_proc.config import LogSettings, PropagationSettings
 from ext_proc.config.sampling import TenantSettings
 from ext_proc.exchange.als import AccessLogService, FinalFacts, final_facts
 from ext_proc.exchange.join import AccessLogJoin
@@ -23,8 +25,9 @@ from ext_proc.exchange.unasked import CachedPaths, RouteTemplates, UnaskedReques
 from ext_proc.policy.propagation import PropagatorCache, Rejections
 from ext_proc.policy.tenants import TenantResolver
 from ext_proc.request.seams import ExchangeRecord
+from ext_proc.telemetry import logs
 from ext_proc.telemetry.access_lines import AccessLog
-from ext_proc.telemetry.metrics.red import REQUEST_DURATION
+from ext_proc.telemetry.metrics.red import GATEWAY_ADDED, REQUEST_DURATION, RESPONSE_BODY_SIZE
 from tests.unit.telemetry.metrics.test_red import built, metric
 
 NS = "extproc_otel"
@@ -314,3 +317,69 @@ async def test_an_entry_read_before_its_exchange_opened_still_ends_it() -> None:
     join.defer("early", finished.append, responded=False)
     assert [f.response_code if f else None for f in finished] == [204]
     assert join.pending() == 0
+
+
+def _mixed_batch() -> list[log_pb.HTTPAccessLogEntry]:
+    """Un-asked entries of several attribute sets, with and without a response body or
+    an upstream phase, in an interleaved order."""
+    found = []
+    for i in range(60):
+        found.append(entry(f"m{i}", status=(200, 503, None, 404)[i % 4],
+                           method=(base_pb2.GET, base_pb2.POST)[i % 3 == 0],
+                           duration_ns=1_000_000 * (i % 7) + 17 * i,
+                           **({"upstream_ns": (10_000, 10_000 + 90_000 * i)} if i % 5 else {})))
+    return found
+
+
+def _points(reader: Any, name: str) -> list[tuple[Any, ...]]:
+    return sorted((sorted((p.attributes or {}).items()), p.count, p.sum, p.min, p.max,
+                   tuple(p.bucket_counts), len(p.exemplars))
+                  for p in metric(reader, name).data.data_points)
+
+
+def test_a_batch_counts_what_one_call_per_request_counts() -> None:
+    """RED metrics: `streams_finished` for a batch gives exactly the points that
+    `stream_finished` for each record gives (an asked record among them included)."""
+    one, one_reader = built()
+    many, many_reader = built()
+    assert one.red is not None and many.red is not None
+    records = [UnaskedRequests([]).record(e) for e in _mixed_batch()]
+    asked = ExchangeRecord(method="GET", route="/a", status=200, error_type=None,
+                           duration_s=0.003, span_context=INVALID_SPAN_CONTEXT)
+    one.red.stream_started("GET", "/a")
+    many.red.stream_started("GET", "/a")
+    for record in (*records, asked):
+        one.red.stream_finished(record)
+    many.red.streams_finished([*records, asked])
+    for name in (REQUEST_DURATION, RESPONSE_BODY_SIZE, GATEWAY_ADDED):
+        want = _points(one_reader, name)
+        assert _points(many_reader, name) == want, name
+        assert sum(p[1] for p in want) > 0
+    assert len(_points(one_reader, REQUEST_DURATION)) >= 6  # several attribute sets
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct-sink", "through-loguru"])
+def test_a_batch_of_access_lines_is_the_lines_one_at_a_time(direct: bool) -> None:
+    out = io.StringIO()
+    logs.configure_logging(LogSettings(format="json", level="INFO"), out)
+    try:
+        if not direct:
+            logs.sink_added()  # as with a second sink: lines go through loguru
+        sink = logs.direct_sink()
+        assert (sink is not None) == direct
+        records = [UnaskedRequests([]).record(e) for e in _mixed_batch()]
+        for record in records:
+            AccessLog().stream_finished(record)
+        AccessLog().streams_finished(records)
+        logger.complete()
+        if sink is not None:
+            sink.stop()  # flush its batch
+    finally:
+        logger.remove()
+        logs.sink_added()
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    for line in lines:
+        assert line.pop("ts")
+    assert len(lines) == 2 * len(records)
+    assert lines[:len(records)] == lines[len(records):]
+    assert [line["request_id"] for line in lines[:3]] == ["m0", "m1", "m2"]

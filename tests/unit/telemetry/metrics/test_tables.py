@@ -155,3 +155,44 @@ def test_a_table_without_measurements_adds_nothing() -> None:
     MeterProvider(metric_readers=[reader], resource=resource)
     attach([reader], [HistogramTable("d", "s", "")], resource, InstrumentationScope("x"))
     assert points(reader.get_metrics_data(), "d") == []
+
+
+@pytest.mark.parametrize("temporality", [AggregationTemporality.CUMULATIVE,
+                                         AggregationTemporality.DELTA])
+@pytest.mark.parametrize("exemplars", sorted(FILTERS))
+@pytest.mark.parametrize("limit", [3, 2000])
+def test_record_many_is_record_for_each_value(temporality: AggregationTemporality,
+                                              exemplars: str, limit: int) -> None:
+    """A batch of span-less measurements grouped by key gives the points one `record`
+    each gives: the same counts, buckets, min/max, sums to the last bit, exemplars."""
+    one = pair(temporality, exemplars, limit)
+    many = pair(temporality, exemplars, limit)
+    rng = random.Random(11)
+    for collection in range(3):
+        batch = [(rng.choice(("/a", "/b", "/c", "/d", "/e")),
+                  rng.choice((0.0, 0.005, 0.0051, 0.5, 3.0, rng.random() / 3)))
+                 for _ in range(300 if collection != 1 else 0)]
+        groups: dict[str, list[float]] = {}
+        for route, value in batch:
+            one[2].record(route, value, lambda r=route: {"http.route": r}, INVALID_SPAN_CONTEXT)
+            groups.setdefault(route, []).append(value)
+        for route, values in groups.items():
+            many[2].record_many(route, values, lambda r=route: {"http.route": r})
+        many[2].record_many("/a", [], lambda: {"http.route": "/a"})  # nothing: no point
+        want = points(one[3].get_metrics_data(), "d")
+        got = points(many[3].get_metrics_data(), "d")
+        for p in (*got, *want):
+            if p["attributes"] == {"otel.metric.overflow": True}:
+                # the overflow bucket keeps its latest exemplar: a batch offers its
+                # sets one after the other, so which set's is latest may differ
+                p["exemplars"] = len(p["exemplars"])
+        assert got == want, f"collection {collection}"
+        # to the bit, but for the overflow point (its sets' values interleave)
+        assert [(p.total, p.low, p.high) for p in many[2]._points.values() if not p.overflow] \
+            == [(p.total, p.low, p.high) for p in one[2]._points.values() if not p.overflow]
+        if collection != 1:
+            assert got, "measurements were recorded"
+        if exemplars != "always_on":
+            assert not any(p["exemplars"] for p in got)  # no span, no exemplar
+        elif collection != 1:
+            assert any(p["exemplars"] for p in got)
