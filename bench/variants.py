@@ -172,15 +172,15 @@ def proxy_config(variant: str, ports: Ports, access_log: Path, receiver_port: in
                       "route": {"cluster": "users"}})
     if variant in ("alone", "native", "native-1pct"):
         _without_ext_proc(config)
-    if variant == "sidecar-als0":  # one access log message per entry (before batching)
+    if variant in ALS_BUFFER:  # the access log's batches to the sidecar, resized
         for log in hcm_of(config)["access_log"]:
             if _to_sidecar(log):
-                log["typed_config"]["common_config"]["buffer_size_bytes"] = 0
+                log["typed_config"]["common_config"]["buffer_size_bytes"] = ALS_BUFFER[variant]
     if variant == "native":
         _native_tracer(config, receiver_port)
     if variant == "native-1pct":
         _native_tracer(config, receiver_port, SAMPLED_RATIO * 100)
-    if variant == "sidecar-1pct-prefilter":
+    if variant in ("sidecar-1pct-prefilter", "sidecar-1pct-prefilter-als64k"):
         _with_prefilter(config, SAMPLED_RATIO)
     if variant in PREFILTER_PARTS:
         _prefilter_part(config, variant)
@@ -212,7 +212,11 @@ SIDECAR_AB: Final = {
     "sidecar-als0": {},
     "sidecar-grpcio": {"EXTPROC_SERVER__ENGINE": "grpcio"},
     "sidecar-phases": {"EXTPROC_STREAM__PHASE_SPANS": "true"},
+    "sidecar-1pct-prefilter-als64k": {},  # the prefilter row, access log in 64 KiB batches
 }
+# Access-log buffer sizes (bytes) of rows that change envoy.yaml's 16 KiB: 0 sends one
+# message per entry (what batching saved), 64 KiB a quarter of the messages.
+ALS_BUFFER: Final = {"sidecar-als0": 0, "sidecar-1pct-prefilter-als64k": 65536}
 # Opt-in rows at 1 % that take the prefilter apart, one piece added per row, to show
 # what each costs Envoy and the sidecar. No request is asked about in any of them (no
 # span is expected); the sidecar counts every request from Envoy's access log.
