@@ -65,8 +65,10 @@ class AccessLogJoin:
         # entry can come before its exchange's first message is even read; the exchange
         # then finds it here instead of waiting response_wait_s for it. An OrderedDict:
         # `next(iter(d))` on a plain dict walks the slots of every entry deleted since
-        # its last resize (~4.5 µs per un-asked entry at this size, against 0.3)
-        self._recent: OrderedDict[str, log_pb.HTTPAccessLogEntry] = OrderedDict()
+        # its last resize (~4.5 µs per un-asked entry at this size, against 0.3). Each
+        # entry is kept serialized (~0.6 µs): a decoded entry keeps its whole access-log
+        # message's arena alive, ~27 MiB for 16,384 entries from ~365 messages.
+        self._recent: OrderedDict[str, bytes] = OrderedDict()
         self._now = loop_time
         self._probe_s = probe_s
         self._probe_until: float | None = None
@@ -102,8 +104,9 @@ class AccessLogJoin:
     def _count_unasked(self, entries: list[log_pb.HTTPAccessLogEntry]) -> None:
         recent = self._recent
         for entry in entries:
-            if entry.request.request_id:
-                recent[entry.request.request_id] = entry
+            request_id = entry.request.request_id
+            if request_id:
+                recent[request_id] = entry.SerializeToString()
         while len(recent) > self.MAX_RECENT:
             recent.popitem(last=False)
         if self._unasked is not None:
@@ -114,7 +117,7 @@ class AccessLogJoin:
         counted = self._recent.pop(request_id, None)
         if counted is not None:  # its entry came first, and was counted as un-asked
             self._overload_until = self._now() + self.OVERLOAD_WINDOW_S
-            finish(final_facts(counted))
+            finish(final_facts(log_pb.HTTPAccessLogEntry.FromString(counted)))
             return
         awaiting = self.hurried if self.overloaded() else self.awaiting
         if not self.service.connected:

@@ -157,3 +157,32 @@ async def test_an_entry_that_beat_its_exchange_is_a_sign_of_overload() -> None:
     assert got and got[0] is not None and got[0].request_id == "first"
     assert join.overloaded()
     join.flush()
+
+
+async def test_a_remembered_entry_is_its_own_bytes_not_its_whole_message() -> None:
+    """`join.recent` is full at 1 % with the prefilter: a decoded entry there would keep
+    its whole access-log message alive (upb keeps a message's arena while any part of it
+    is referenced), ~27 MiB at the bound. It keeps the entry's own bytes, and an exchange
+    that finds its entry there gets the facts the entry itself gives."""
+    from ext_proc._gen.envoy.service.accesslog.v3 import als_pb2 as pb
+    from ext_proc.exchange.als import final_facts
+    join = AccessLogJoin(1.0, 300.0, Clock(), unasked=lambda entries: None)
+    join.service.connected = True
+    message = pb.StreamAccessLogsMessage()
+    for i in range(50):
+        entry = message.http_logs.log_entry.add()
+        entry.request.request_id = f"r{i}"
+        entry.request.path = f"/{i}/" + "x" * 2000
+        entry.response.response_code.value = 200 + i
+        entry.common_properties.time_to_last_downstream_tx_byte.FromNanoseconds(1000 * i)
+        entry.common_properties.start_time.FromNanoseconds(10**18 + i)
+    join.service.handle(message)
+    kept = join._recent["r7"]
+    assert isinstance(kept, bytes)
+    assert len(kept) == message.http_logs.log_entry[7].ByteSize() < message.ByteSize() // 40
+    want = final_facts(message.http_logs.log_entry[7])
+    got: list[FinalFacts | None] = []
+    join.defer("r7", got.append, responded=False)
+    assert got == [want] and want is not None and want.response_code == 207
+    assert want.timings is not None and want.duration_ns == 7000
+    join.flush()
