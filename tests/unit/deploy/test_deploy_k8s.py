@@ -126,7 +126,7 @@ def test_probes_resources_and_security() -> None:
 # docs/reliability.md, section 6: the sidecar's steady RSS (the largest measured, 1 %
 # sampled with the prefilter, Envoy --concurrency 2), and what a collector outage (a
 # full span queue) and an overload's kept arenas add on top of it.
-STEADY_RSS_MIB: Final = 104
+STEADY_RSS_MIB: Final = 84
 WORST_CASE_EXTRA_MIB: Final = 70 + 45
 
 
