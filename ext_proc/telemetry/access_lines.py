@@ -56,8 +56,14 @@ class AccessLog:
             for record in records:
                 logger.bind(**self.fields(record)).info(ACCESS_MESSAGE)
             return
-        line = self.line
-        sink.write_access_many([line(record) for record in records])
+        lines = []
+        for record in records:
+            try:  # one record that cannot be written must not cost the others
+                lines.append(self.line(record))
+            except Exception:
+                logger.opt(exception=True).error("access line failed",
+                                                 request_id=record.request_id)
+        sink.write_access_many(lines)
 
     @staticmethod
     def line(record: ExchangeRecord) -> str:

@@ -8,8 +8,10 @@ after the phase's answer is written.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from functools import partial
 from typing import Any, Final
 
+from loguru import logger
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
 from ext_proc.config.telemetry import MetricsSettings
@@ -144,28 +146,41 @@ class RedMetrics:
 
     def streams_finished(self, records: Sequence[ExchangeRecord]) -> None:
         """`stream_finished` for a batch (the un-asked requests of one access-log
-        message): grouped by attribute set, one `record_many` per table and group."""
-        groups: dict[tuple[Any, ...], list[ExchangeRecord]] = {}
+        message): one `record_many` per table and attribute set, the sets taken in the
+        order each first gets a value in that table, as one call each would create their
+        points (which matters at the cardinality limit). A batch with an asked exchange
+        in it (active count, exemplar) goes one record at a time."""
+        if any(r.started or r.span_context.is_valid for r in records):
+            for record in records:
+                self.stream_finished(record)
+            return
+        durations: dict[tuple[Any, ...], list[float]] = {}
+        bodies: dict[tuple[Any, ...], list[float]] = {}
+        added: dict[tuple[Any, ...], list[float]] = {}
         for record in records:
-            if record.started or record.span_context.is_valid:
-                self.stream_finished(record)  # an asked exchange: active count, exemplar
-                continue
             key = self.key(record)
-            group = groups.get(key)
-            if group is None:
-                groups[key] = [record]
-            else:
-                group.append(record)
-        for key, group in groups.items():
-            def attributes(key: tuple[Any, ...] = key) -> dict[str, Any]:
-                return self.attributes_of(key)
-            self._duration.record_many(
-                key, [max(r.duration_s, 0.0) for r in group], attributes)
-            self._body.record_many(key, [r.response_body_size for r in group
-                                         if r.response_body_size is not None], attributes)
-            self._added.record_many(key, [max(r.duration_s - r.upstream_s, 0.0)
-                                          for r in group if r.upstream_s is not None],
-                                    attributes)
+            _append(durations, key, max(record.duration_s, 0.0))
+            if record.response_body_size is not None:
+                _append(bodies, key, record.response_body_size)
+            if record.upstream_s is not None:
+                _append(added, key, max(record.duration_s - record.upstream_s, 0.0))
+        for table, groups in ((self._duration, durations), (self._body, bodies),
+                              (self._added, added)):
+            for key, values in groups.items():
+                try:  # one failing set must not cost the others
+                    table.record_many(key, values, partial(self.attributes_of, key))
+                except Exception:
+                    logger.opt(exception=True).error("metrics of a batch failed",
+                                                     instrument=table.name)
+
+
+def _append(groups: dict[tuple[Any, ...], list[float]], key: tuple[Any, ...],
+            value: float) -> None:
+    found = groups.get(key)
+    if found is None:
+        groups[key] = [value]
+    else:
+        found.append(value)
 
 
 class RuntimeMetrics:

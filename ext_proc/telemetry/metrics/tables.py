@@ -165,8 +165,8 @@ class HistogramTable:
 
     def record_many(self, key: Hashable, values: Sequence[float],
                     attributes: Callable[[], Mapping[str, Any]]) -> None:
-        """`record(key, value, attributes)` for each of `values`, none with a span (the
-        requests Envoy did not ask about) under one lock; sums add up in the same order."""
+        """`record(key, value, attributes)` for each of `values` (finite), none with a
+        span (requests Envoy did not ask about), under one lock; sums in the same order."""
         if not values:
             return
         indexes = [bisect_left(self.boundaries, value) for value in values]

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 from typing import Any
 
 import pytest
 from loguru import logger
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.trace import INVALID_SPAN_CONTEXT, use_span
+from opentelemetry.trace import INVALID_SPAN_CONTEXT, SpanContext, TraceFlags, use_span
 
 from ext_proc._gen.envoy.config.core.v3 import base_pb2
 from ext_proc._gen.envoy.data.accesslog.v3 import accesslog_pb2 as log_pb
@@ -17,6 +19,7 @@ from ext_proc._gen.envoy.service.accesslog.v3 import als_pb2 as pb
 from ext_proc._gen.envoy.service.ext_proc.v3 import external_processor_pb2 as ext_pb
 from ext_proc.config import LogSettings, PropagationSettings
 from ext_proc.config.sampling import TenantSettings
+from ext_proc.config.telemetry import MetricsSettings
 from ext_proc.exchange.als import AccessLogService, FinalFacts, final_facts
 from ext_proc.exchange.join import AccessLogJoin
 from ext_proc.exchange.outcome import exchange_outcome
@@ -27,7 +30,13 @@ from ext_proc.policy.tenants import TenantResolver
 from ext_proc.request.seams import ExchangeRecord
 from ext_proc.telemetry import logs
 from ext_proc.telemetry.access_lines import AccessLog
-from ext_proc.telemetry.metrics.red import GATEWAY_ADDED, REQUEST_DURATION, RESPONSE_BODY_SIZE
+from ext_proc.telemetry.metrics.pipeline import build_metrics
+from ext_proc.telemetry.metrics.red import (
+    ACTIVE_REQUESTS,
+    GATEWAY_ADDED,
+    REQUEST_DURATION,
+    RESPONSE_BODY_SIZE,
+)
 from tests.unit.telemetry.metrics.test_red import built, metric
 
 NS = "extproc_otel"
@@ -332,30 +341,79 @@ def _mixed_batch() -> list[log_pb.HTTPAccessLogEntry]:
 
 
 def _points(reader: Any, name: str) -> list[tuple[Any, ...]]:
-    return sorted((sorted((p.attributes or {}).items()), p.count, p.sum, p.min, p.max,
-                   tuple(p.bucket_counts), len(p.exemplars))
-                  for p in metric(reader, name).data.data_points)
+    """Each point's attributes and values (a histogram's, or a sum's value)."""
+    return sorted((sorted((p.attributes or {}).items()), *(
+        (p.count, p.sum, p.min, p.max, tuple(p.bucket_counts), len(p.exemplars))
+        if hasattr(p, "bucket_counts") else (p.value,)))
+        for p in metric(reader, name).data.data_points)
+
+
+def _red_pair(limit: int = 2000, exemplars: str = "trace_based") -> tuple[Any, ...]:
+    settings = {"cardinality_limit": limit, "tenant_attribute": True}
+    env = {"OTEL_METRICS_EXEMPLAR_FILTER": exemplars}
+    one_reader, many_reader = InMemoryMetricReader(), InMemoryMetricReader()
+    one = build_metrics(MetricsSettings(**settings), readers=(one_reader,), env=env)
+    many = build_metrics(MetricsSettings(**settings), readers=(many_reader,), env=env)
+    assert one.red is not None and many.red is not None
+    return one.red, one_reader, many.red, many_reader
+
+
+def _same_points(one_reader: Any, many_reader: Any) -> None:
+    for name in (REQUEST_DURATION, RESPONSE_BODY_SIZE, GATEWAY_ADDED, ACTIVE_REQUESTS):
+        want = _points(one_reader, name)
+        assert _points(many_reader, name) == want, name
+        assert want, name
 
 
 def test_a_batch_counts_what_one_call_per_request_counts() -> None:
     """RED metrics: `streams_finished` for a batch gives exactly the points that
-    `stream_finished` for each record gives (an asked record among them included)."""
-    one, one_reader = built()
-    many, many_reader = built()
-    assert one.red is not None and many.red is not None
+    `stream_finished` for each record gives."""
+    one, one_reader, many, many_reader = _red_pair()
     records = [UnaskedRequests([]).record(e) for e in _mixed_batch()]
-    asked = ExchangeRecord(method="GET", route="/a", status=200, error_type=None,
-                           duration_s=0.003, span_context=INVALID_SPAN_CONTEXT)
-    one.red.stream_started("GET", "/a")
-    many.red.stream_started("GET", "/a")
-    for record in (*records, asked):
-        one.red.stream_finished(record)
-    many.red.streams_finished([*records, asked])
-    for name in (REQUEST_DURATION, RESPONSE_BODY_SIZE, GATEWAY_ADDED):
-        want = _points(one_reader, name)
-        assert _points(many_reader, name) == want, name
-        assert sum(p[1] for p in want) > 0
+    one.stream_started("GET", "/a")  # an asked exchange elsewhere: active stays 1
+    many.stream_started("GET", "/a")
+    for record in records:
+        one.stream_finished(record)
+    many.streams_finished(records)
+    _same_points(one_reader, many_reader)
     assert len(_points(one_reader, REQUEST_DURATION)) >= 6  # several attribute sets
+
+
+def test_a_batch_with_an_asked_exchange_in_it_counts_it_as_asked() -> None:
+    one, one_reader, many, many_reader = _red_pair(exemplars="always_on")
+    records = [UnaskedRequests([]).record(e) for e in _mixed_batch()[:10]]
+    sampled = SpanContext(7, 8, is_remote=False, trace_flags=TraceFlags(1))
+    asked = ExchangeRecord(method="GET", route="/a", status=200, error_type=None,
+                           duration_s=0.003, span_context=sampled)
+    for red in (one, many):
+        red.stream_started("GET", "/a")
+        red.stream_started("GET", "/a")
+    for record in (*records[:5], asked, *records[5:]):
+        one.stream_finished(record)
+    many.streams_finished([*records[:5], asked, *records[5:]])
+    _same_points(one_reader, many_reader)
+    (active,) = metric(many_reader, ACTIVE_REQUESTS).data.data_points
+    assert active.value == 1  # the asked one finished: its start is undone
+
+
+def test_at_the_cardinality_limit_a_batch_overflows_the_sets_one_call_each_would() -> None:
+    """The first sets to get a value in a table get its points: in the added-time table
+    that is not the batch's first set when its first request had no upstream phase."""
+    one, one_reader, many, many_reader = _red_pair(limit=2, exemplars="always_on")
+    upstream = {"upstream_ns": (1_000, 9_000)}
+    records = [UnaskedRequests([]).record(e) for e in (
+        entry("x1", method=base_pb2.GET),  # set X, no upstream phase
+        entry("y1", method=base_pb2.PUT, **upstream),  # set Y
+        entry("z1", method=base_pb2.POST, **upstream),  # set Z
+        entry("x2", method=base_pb2.GET, **upstream))]  # set X again, with one
+    one.stream_started("GET", "/a")  # an asked exchange in flight, on both
+    many.stream_started("GET", "/a")
+    for record in records:
+        one.stream_finished(record)
+    many.streams_finished(records)
+    _same_points(one_reader, many_reader)
+    methods = [dict(p[0]).get("http.request.method") for p in _points(one_reader, GATEWAY_ADDED)]
+    assert sorted(m for m in methods if m) == ["POST", "PUT"]  # X overflowed there
 
 
 @pytest.mark.parametrize("direct", [True, False], ids=["direct-sink", "through-loguru"])
@@ -383,3 +441,22 @@ def test_a_batch_of_access_lines_is_the_lines_one_at_a_time(direct: bool) -> Non
     assert len(lines) == 2 * len(records)
     assert lines[:len(records)] == lines[len(records):]
     assert [line["request_id"] for line in lines[:3]] == ["m0", "m1", "m2"]
+
+
+def test_a_record_that_cannot_be_written_costs_only_its_own_line() -> None:
+    out = io.StringIO()
+    logs.configure_logging(LogSettings(format="json", level="INFO"), out)
+    try:
+        sink = logs.direct_sink()
+        assert sink is not None
+        good = [UnaskedRequests([]).record(e) for e in _mixed_batch()[:3]]
+        broken = dataclasses.replace(good[0], duration_s=None, request_id="broken")
+        AccessLog().streams_finished([good[0], broken, *good[1:]])
+        sink.stop()
+    finally:
+        logger.remove()
+        logs.sink_added()
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [line["request_id"] for line in lines if line["msg"] == "access"] \
+        == ["m0", "m1", "m2"]
+    assert [line["request_id"] for line in lines if line["level"] == "ERROR"] == ["broken"]
