@@ -111,44 +111,26 @@ def _native_tracer(config: Config, receiver_port: int, percent: float = 100) -> 
 
 
 def _with_prefilter(config: Config, ratio: float) -> None:
-    """The shipped ext_proc filter wrapped in the prefilter `envoy-config` compiles for
-    `ratio` (its matcher, and its digest as the stream's initial metadata)."""
+    """The shipped ext_proc filter behind the prefilter `envoy-config` compiles for
+    `ratio` (its matcher around the composite filter, and its digest as the stream's
+    initial metadata)."""
     from ext_proc.config import Settings
-    from ext_proc.envoy_config import options_for, render
+    from ext_proc.envoy_config import options_for, render, unwrap
 
     settings = Settings.model_validate({"sampling": {"ratio": ratio}})
     printed = yaml.safe_load(render("snippet", settings, options_for(settings)))
     (wrapped,) = [f for f in printed["http_filters"] if f["name"] == EXT_PROC_FILTER]
-    delegate = wrapped["typed_config"]
-    digest = delegate["extension_config"]["typed_config"]["grpc_service"]["initial_metadata"]
+    inner = unwrap(wrapped)  # the ext_proc config inside the wrapper, changed in place
+    digest = inner["grpc_service"]["initial_metadata"]
     hcm = hcm_of(config)
     index = next(i for i, f in enumerate(hcm["http_filters"]) if f["name"] == EXT_PROC_FILTER)
-    shipped = hcm["http_filters"][index]
-    inner = dict(shipped["typed_config"])
-    inner["grpc_service"] = {**inner["grpc_service"], "initial_metadata": digest}
-    hcm["http_filters"][index] = {"name": EXT_PROC_FILTER, "typed_config": {
-        "@type": delegate["@type"], "xds_matcher": delegate["xds_matcher"],
-        "extension_config": {"name": EXT_PROC_FILTER, "typed_config": inner}}}
+    shipped = dict(hcm["http_filters"][index]["typed_config"])
+    shipped["grpc_service"] = {**shipped["grpc_service"], "initial_metadata": digest}
+    inner.clear()
+    inner.update(shipped)
+    hcm["http_filters"][index] = wrapped
 
 
-def _as_composite(config: Config) -> None:
-    """The prefilter's matcher around Envoy's composite filter instead of the ext_proc
-    filter itself: a request the matcher does not skip gets the ext_proc filter built
-    for it (`ExecuteFilterAction`); a skipped one never has it built."""
-    hcm = hcm_of(config)
-    index = next(i for i, f in enumerate(hcm["http_filters"]) if f["name"] == EXT_PROC_FILTER)
-    delegate = hcm["http_filters"][index]["typed_config"]
-    matcher = dict(delegate["xds_matcher"])
-    matcher["on_no_match"] = {"action": {"name": "ask", "typed_config": {
-        "@type": f"{_COMPOSITE}.ExecuteFilterAction",
-        "typed_config": delegate["extension_config"]}}}
-    hcm["http_filters"][index] = {"name": "composite", "typed_config": {
-        "@type": delegate["@type"], "xds_matcher": matcher,
-        "extension_config": {"name": "composite",
-                             "typed_config": {"@type": f"{_COMPOSITE}.Composite"}}}}
-
-
-_COMPOSITE: Final = "type.googleapis.com/envoy.extensions.filters.http.composite.v3"
 _SKIP: Final = {"action": {"name": "skip", "typed_config": {
     "@type": "type.googleapis.com/envoy.extensions.filters.common.matcher.action.v3.SkipFilter"}}}
 
@@ -198,11 +180,8 @@ def proxy_config(variant: str, ports: Ports, access_log: Path, receiver_port: in
         _native_tracer(config, receiver_port)
     if variant == "native-1pct":
         _native_tracer(config, receiver_port, SAMPLED_RATIO * 100)
-    if variant in ("sidecar-1pct-prefilter", "sidecar-1pct-prefilter-als64k",
-                   "sidecar-1pct-composite"):
+    if variant in ("sidecar-1pct-prefilter", "sidecar-1pct-prefilter-als64k"):
         _with_prefilter(config, SAMPLED_RATIO)
-    if variant == "sidecar-1pct-composite":
-        _as_composite(config)
     if variant in PREFILTER_PARTS:
         _prefilter_part(config, variant)
     if variant == "workers":
@@ -234,7 +213,6 @@ SIDECAR_AB: Final = {
     "sidecar-grpcio": {"EXTPROC_SERVER__ENGINE": "grpcio"},
     "sidecar-phases": {"EXTPROC_STREAM__PHASE_SPANS": "true"},
     "sidecar-1pct-prefilter-als64k": {},  # the prefilter row, access log in 64 KiB batches
-    "sidecar-1pct-composite": {},  # the prefilter's matcher around the composite filter
 }
 # Access-log buffer sizes (bytes) of rows that change envoy.yaml's 16 KiB: 0 sends one
 # message per entry (what batching saved), 64 KiB a quarter of the messages.

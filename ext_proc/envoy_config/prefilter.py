@@ -1,9 +1,12 @@
-"""The prefilter plan as Envoy runs it: ``match_delegate`` around the ext_proc filter.
+"""The prefilter plan as Envoy runs it: ``match_delegate`` around the composite filter,
+which builds the ext_proc filter for the requests it asks about.
 
 `ext_proc.policy.sampling.prefilter` says which requests the sidecar would certainly not
 sample; this module writes that as an ``xds.type.matcher.v3.Matcher`` whose matchers all
 end in ``SkipFilter`` (Envoy does not run the wrapped filter: no stream, no cost). A
-request no matcher matches is asked, as before. Each matcher is one way to be skipped:
+request no matcher matches reaches ``on_no_match``: the composite filter's
+``ExecuteFilterAction`` builds the ext_proc filter for it, and it is asked, as before.
+Each matcher is one way to be skipped:
 
 - an unsampled parent: ``traceparent`` full-matches `UNSAMPLED_TRACEPARENT` and no other
   trace-context header is present;
@@ -37,9 +40,12 @@ if TYPE_CHECKING:
 
 MATCH_DELEGATE_TYPE: Final = ("type.googleapis.com/"
                               "envoy.extensions.common.matching.v3.ExtensionWithMatcher")
+COMPOSITE_FILTER: Final = "envoy.filters.http.composite"
+COMPOSITE_TYPE: Final = "type.googleapis.com/envoy.extensions.filters.http.composite.v3.Composite"
 PREFILTER_METADATA: Final = "x-extproc-otel-prefilter"  # gRPC initial metadata: the digest
 _HEADER_INPUT: Final = "envoy.matching.inputs.request_headers"
 _SKIP_ACTION: Final = "skip"
+_ASK_ACTION: Final = "ask"
 _HEX: Final = "0123456789abcdef"
 # A traceparent with an all-zero trace or span id: invalid, so a root to the sidecar
 INVALID_IDS: Final = "00-0{32}-.*|00-[0-9a-f]{32}-0{16}-.*"
@@ -117,12 +123,19 @@ def skip_predicates(plan: PrefilterPlan) -> list[Any]:
 
 
 def wrap(plan: PrefilterPlan, http_filter: Any) -> Any:
-    """`http_filter` (the ext_proc ``HttpFilter``) wrapped in ``match_delegate`` with the
-    plan's matcher, under the same name (per-route configs still reach it); unchanged
-    when the plan skips nothing."""
+    """`http_filter` (the ext_proc ``HttpFilter``) behind the plan's matcher, under the
+    same name (per-route configs still reach it): ``match_delegate`` around Envoy's
+    composite filter, which builds the ext_proc filter (`ExecuteFilterAction`) only for
+    a request no matcher skips. ``match_delegate`` alone builds the filter it wraps for
+    every request, skipped or not (docs/prefilter.md). Unchanged when the plan skips
+    nothing."""
     from envoy_data_plane.envoy.config.core.v3 import TypedExtensionConfig
     from envoy_data_plane.envoy.extensions.common.matching.v3 import ExtensionWithMatcher
     from envoy_data_plane.envoy.extensions.filters.common.matcher.action.v3 import SkipFilter
+    from envoy_data_plane.envoy.extensions.filters.http.composite.v3 import (
+        Composite,
+        ExecuteFilterAction,
+    )
     from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
         HttpFilter,
     )
@@ -140,20 +153,31 @@ def wrap(plan: PrefilterPlan, http_filter: Any) -> Any:
         return http_filter
     skip = MatcherOnMatch(action=XdsExtension(
         name=_SKIP_ACTION, typed_config=AnyMessage.pack(SkipFilter())))
-    matcher = Matcher(matcher_list=MatcherMatcherList(matchers=[
-        MatcherMatcherListFieldMatcher(predicate=p, on_match=skip) for p in predicates]))
     inner = TypedExtensionConfig(name=http_filter.name, typed_config=http_filter.typed_config)
+    ask = MatcherOnMatch(action=XdsExtension(
+        name=_ASK_ACTION, typed_config=AnyMessage.pack(ExecuteFilterAction(typed_config=inner))))
+    matcher = Matcher(matcher_list=MatcherMatcherList(matchers=[
+        MatcherMatcherListFieldMatcher(predicate=p, on_match=skip) for p in predicates]),
+        on_no_match=ask)
+    composite = TypedExtensionConfig(name=COMPOSITE_FILTER,
+                                     typed_config=AnyMessage.pack(Composite()))
     return HttpFilter(name=http_filter.name, typed_config=AnyMessage.pack(
-        ExtensionWithMatcher(xds_matcher=matcher, extension_config=inner)))
+        ExtensionWithMatcher(xds_matcher=matcher, extension_config=composite)))
 
 
 def unwrap(http_filter: dict[str, Any]) -> dict[str, Any]:
-    """The typed_config of the filter `http_filter` runs, through a ``match_delegate``."""
+    """The typed_config of the filter `http_filter` runs: through a prefilter's
+    ``match_delegate`` (and the composite filter's action, when it has one)."""
     config: dict[str, Any] = http_filter.get("typed_config", {})
-    if config.get("@type") == MATCH_DELEGATE_TYPE:
-        inner: dict[str, Any] = config.get("extension_config", {}).get("typed_config", {})
-        return inner
-    return config
+    if config.get("@type") != MATCH_DELEGATE_TYPE:
+        return config
+    inner: dict[str, Any] = config.get("extension_config", {}).get("typed_config", {})
+    if inner.get("@type") == COMPOSITE_TYPE:
+        action = config.get("xds_matcher", {}).get("on_no_match", {}).get("action", {})
+        executed: dict[str, Any] = action.get("typed_config", {}).get(
+            "typed_config", {}).get("typed_config", {})
+        return executed
+    return inner
 
 
 EG_NO_MATCHER: Final = ("Envoy Gateway's EnvoyExtensionPolicy has no matcher (see "

@@ -35,7 +35,7 @@ from ext_proc.dev.devstack import (
     http_ok,
     wait_until,
 )
-from ext_proc.envoy_config import EXT_PROC_FILTER, PREFILTER_METADATA
+from ext_proc.envoy_config import EXT_PROC_FILTER, PREFILTER_METADATA, unwrap
 from ext_proc.envoy_config.prefilter import MATCH_DELEGATE_TYPE
 from tests.e2e.conftest import bootstrap_on_free_ports
 
@@ -233,7 +233,11 @@ def test_the_printed_bootstrap_wraps_the_filter(stack: PrefilterStack) -> None:
     (flt,) = [f for f in hcm["http_filters"] if f["name"] == EXT_PROC_FILTER]
     assert flt["typed_config"]["@type"] == MATCH_DELEGATE_TYPE
     assert stack.printed.startswith("# extproc-otel prefilter ")
-    inner = flt["typed_config"]["extension_config"]["typed_config"]
+    # the composite filter builds ext_proc only for the requests no matcher skips
+    composite = flt["typed_config"]["extension_config"]
+    assert composite["typed_config"]["@type"].endswith("composite.v3.Composite")
+    inner = unwrap(flt)
+    assert inner["@type"].endswith("ext_proc.v3.ExternalProcessor")
     (meta,) = inner["grpc_service"]["initial_metadata"]
     assert meta["key"] == PREFILTER_METADATA
 
