@@ -311,9 +311,9 @@ _LOGGED: Final = (("additional_request_headers_to_log", "additionalRequestHeader
 
 
 @pytest.mark.parametrize("context", ["gateway", "sidecar"])
-@pytest.mark.parametrize("listen", ["127.0.0.1:50051", "0.0.0.0:7070"])
-def test_istio_access_log_goes_where_the_bootstrap_sends_it(context: str, listen: str) -> None:
-    settings = load_settings(server={"listen": listen})
+@pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0"])
+def test_istio_access_log_goes_where_the_bootstrap_sends_it(context: str, host: str) -> None:
+    settings = load_settings(server={"listen": f"{host}:{free_port()}"})
     join, sidecar = _bootstrap_join(settings)
     opts = options_for(settings, istio_context=context)
     docs = _docs(render("istio", settings, opts))
@@ -345,7 +345,7 @@ def test_istio_access_log_goes_where_the_bootstrap_sends_it(context: str, listen
 
 
 def test_envoy_gateway_access_log_goes_where_the_bootstrap_sends_it() -> None:
-    settings = load_settings(server={"listen": "0.0.0.0:7070"})
+    settings = load_settings(server={"listen": f"0.0.0.0:{free_port()}"})
     join, sidecar = _bootstrap_join(settings)
     docs = _docs(render("envoy-gateway", settings, options_for(settings)))
     proxy, policy = _one(docs, "EnvoyProxy"), _one(docs, "EnvoyExtensionPolicy")
