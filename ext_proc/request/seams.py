@@ -56,7 +56,11 @@ class ExchangeRecord:
 
 
 class StreamObserver(Protocol):
-    """Told about every exchange, after Envoy has its answers (never on the hot path)."""
+    """Told about every exchange, after Envoy has its answers (never on the hot path).
+
+    An observer may also have ``streams_finished(records)``: the requests Envoy did not
+    ask about arrive a batch at a time (one access-log message), and such an observer
+    gets the batch at once instead of one `stream_finished` call per record."""
 
     def stream_started(self, method: str | None, route: str | None) -> None: ...
     def stream_finished(self, record: ExchangeRecord) -> None: ...

@@ -143,7 +143,6 @@ class RedMetrics:
             self._added.record(key, max(record.duration_s - record.upstream_s, 0.0),
                                attributes, context)
 
-
     def streams_finished(self, records: Sequence[ExchangeRecord]) -> None:
         """`stream_finished` for a batch (the un-asked requests of one access-log
         message): one `record_many` per table and attribute set, the sets taken in the
@@ -159,11 +158,11 @@ class RedMetrics:
         added: dict[tuple[Any, ...], list[float]] = {}
         for record in records:
             key = self.key(record)
-            _append(durations, key, max(record.duration_s, 0.0))
+            durations.setdefault(key, []).append(max(record.duration_s, 0.0))
             if record.response_body_size is not None:
-                _append(bodies, key, record.response_body_size)
+                bodies.setdefault(key, []).append(record.response_body_size)
             if record.upstream_s is not None:
-                _append(added, key, max(record.duration_s - record.upstream_s, 0.0))
+                added.setdefault(key, []).append(max(record.duration_s - record.upstream_s, 0.0))
         for table, groups in ((self._duration, durations), (self._body, bodies),
                               (self._added, added)):
             for key, values in groups.items():
@@ -172,15 +171,6 @@ class RedMetrics:
                 except Exception:
                     logger.opt(exception=True).error("metrics of a batch failed",
                                                      instrument=table.name)
-
-
-def _append(groups: dict[tuple[Any, ...], list[float]], key: tuple[Any, ...],
-            value: float) -> None:
-    found = groups.get(key)
-    if found is None:
-        groups[key] = [value]
-    else:
-        found.append(value)
 
 
 class RuntimeMetrics:
