@@ -26,7 +26,7 @@ from ext_proc.h2grpc.call import (
     trailers,
 )
 from ext_proc.h2grpc.direct import DirectCall, Metadata
-from ext_proc.h2grpc.h2state import server_connection
+from ext_proc.h2grpc.h2state import RepeatingBlocks, server_connection
 from ext_proc.h2grpc.outbound import Outbound
 
 if TYPE_CHECKING:
@@ -116,6 +116,11 @@ class Connection(Outbound, asyncio.Protocol):
 
     def kept_metadata(self) -> int:
         return len(self._metadata)
+
+    def kept_blocks(self) -> int:
+        """Header blocks its HPACK decoder remembers decoded (h2state.RepeatingBlocks)."""
+        decoder = self._h2.decoder
+        return decoder.kept() if isinstance(decoder, RepeatingBlocks) else 0
 
     def closed_streams(self) -> int:
         """Closed streams h2 remembers for this connection (at most CLOSED_STREAMS_KEPT)."""

@@ -15,7 +15,7 @@ from loguru import logger
 from ext_proc.config.core import split_host_port
 from ext_proc.h2grpc.connection import KEPT_METADATA, Connection
 from ext_proc.h2grpc.direct import DirectMethod
-from ext_proc.h2grpc.h2state import CLOSED_STREAMS_KEPT
+from ext_proc.h2grpc.h2state import CLOSED_STREAMS_KEPT, KEPT_HEADER_BLOCKS
 from ext_proc.telemetry.throttle import Throttle
 
 
@@ -53,11 +53,15 @@ class Server:
     def bounded(self) -> tuple[tuple[str, Callable[[], int], int], ...]:
         """(name, size, capacity) of what it keeps between frames beyond the calls
         themselves: calls waiting for their handler; per connection (the fullest one's
-        size, the bound of each), decoded header blocks and closed streams remembered."""
+        size, the bound of each), decoded metadata, HPACK blocks and closed streams
+        remembered."""
         return (("server.backlog", lambda: self.backlog, self.max_backlog),
                 ("server.header_blocks",
                  lambda: max((c.kept_metadata() for c in self.connections), default=0),
                  KEPT_METADATA),
+                ("server.hpack_blocks",
+                 lambda: max((c.kept_blocks() for c in self.connections), default=0),
+                 KEPT_HEADER_BLOCKS),
                 ("server.closed_streams",
                  lambda: max((c.closed_streams() for c in self.connections), default=0),
                  CLOSED_STREAMS_KEPT))

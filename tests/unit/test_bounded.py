@@ -17,7 +17,9 @@ from typing import Final
 
 import h2.config
 import h2.connection
+import hpack
 import pytest
+from hpack import NeverIndexedHeaderTuple
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader, NumberDataPoint
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan
@@ -34,7 +36,7 @@ from ext_proc.exchange.join import AccessLogJoin
 from ext_proc.exchange.unasked import CachedPaths, RouteTemplates
 from ext_proc.h2grpc import Server
 from ext_proc.h2grpc.connection import Connection
-from ext_proc.h2grpc.h2state import CLOSED_STREAMS_KEPT
+from ext_proc.h2grpc.h2state import CLOSED_STREAMS_KEPT, KEPT_HEADER_BLOCKS
 from ext_proc.policy.propagation import PropagatorCache, Rejections
 from ext_proc.policy.sampling import build_sampling
 from ext_proc.policy.sampling.directive import RequestFacts
@@ -155,6 +157,21 @@ def fill_header_blocks() -> tuple[Bounded, ...]:
     return asyncio.run(fill())
 
 
+def fill_hpack_blocks() -> tuple[Bounded, ...]:
+    """Distinct header blocks that leave the dynamic table alone (literals never
+    indexed), each remembered decoded by the connection's HPACK decoder."""
+    async def fill() -> tuple[Bounded, ...]:
+        server = Server()
+        connection = Connection(server)
+        server.connections.add(connection)
+        encoder = hpack.Encoder()
+        for i in range(KEPT_HEADER_BLOCKS + OVER):
+            block = encoder.encode([NeverIndexedHeaderTuple(b"x-route", str(i).encode())])
+            connection._h2.decoder.decode(block, raw=True)
+        return tuple(Bounded(*b) for b in server.bounded())
+    return asyncio.run(fill())
+
+
 def fill_closed_streams() -> tuple[Bounded, ...]:
     """Streams opened and ended through the connection's h2 state, in memory: h2 would
     remember 65,536 closed ones (~10 MB a connection)."""
@@ -204,6 +221,7 @@ FILLERS: Final[dict[str, Callable[[], tuple[Bounded, ...]]]] = {
     "export.attribute_keys": fill_encoder,
     "export.attributes": fill_encoder,
     "server.header_blocks": fill_header_blocks,
+    "server.hpack_blocks": fill_hpack_blocks,
     "server.closed_streams": fill_closed_streams,
     "metrics.t": fill_table,
 }

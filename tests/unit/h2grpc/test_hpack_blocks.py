@@ -1,0 +1,121 @@
+"""`RepeatingBlocks`: a header block decoded once is answered from memory only while the
+dynamic table and the limits are as they were; every answer equals hpack's own."""
+
+from __future__ import annotations
+
+import random
+
+import hpack
+import pytest
+from hpack import HeaderTuple, NeverIndexedHeaderTuple
+from hpack.exceptions import HPACKDecodingError, OversizedHeaderListError
+
+from ext_proc.h2grpc.h2state import KEPT_HEADER_BLOCKS, RepeatingBlocks, server_connection
+
+LIMIT = 64 * 1024
+
+# The headers Envoy 1.40 opens every ext_proc stream with
+ENVOY = [(b":method", b"POST"),
+         (b":path", b"/envoy.service.ext_proc.v3.ExternalProcessor/Process"),
+         (b":authority", b"extproc_otel"), (b":scheme", b"http"), (b"te", b"trailers"),
+         (b"content-type", b"application/grpc"), (b"x-envoy-internal", b"true"),
+         (b"x-forwarded-for", b"192.0.2.2")]
+
+
+def envoy_like(headers: list[tuple[bytes, bytes]]) -> list[HeaderTuple]:
+    """As Envoy encodes them: `:path` a literal that is never indexed."""
+    return [NeverIndexedHeaderTuple(k, v) if k == b":path" else HeaderTuple(k, v)
+            for k, v in headers]
+
+
+def test_a_repeated_block_is_decoded_once_and_reads_the_same() -> None:
+    encoder, ours, plain = hpack.Encoder(), RepeatingBlocks(LIMIT), hpack.Decoder(LIMIT)
+    blocks = [encoder.encode(envoy_like(ENVOY)) for _ in range(5)]
+    assert blocks[0] != blocks[1] and len(set(blocks[1:])) == 1  # the first one indexes
+    for block in blocks:
+        assert ours.decode(block, raw=True) == plain.decode(block, raw=True) == ENVOY
+    assert ours.repeats == 3  # the second block was decoded; the next three remembered
+    assert ours.kept() == 1
+
+
+def test_answers_equal_hpacks_through_insertions_evictions_and_resizes() -> None:
+    """A peer whose table is small (evictions), that inserts new values now and then,
+    never indexes some, and resizes its table: decoded side by side with hpack's own
+    decoder, block by block."""
+    rng = random.Random(20261206)
+    encoder, ours, plain = hpack.Encoder(), RepeatingBlocks(LIMIT), hpack.Decoder(LIMIT)
+    encoder.header_table_size = 256
+    values = [f"v{i}".encode() for i in range(12)]
+    for step in range(3000):
+        if step % 500 == 250:
+            encoder.header_table_size = rng.choice([0, 128, 256, 4096])
+        route = rng.choice(values[:3] if rng.random() < 0.9 else values)
+        headers = [HeaderTuple(b":method", b"POST"),
+                   NeverIndexedHeaderTuple(b":path", b"/p.S/M"), HeaderTuple(b"x-route", route)]
+        if rng.random() < 0.3:
+            headers.append(HeaderTuple(b"x-tenant", rng.choice(values)))
+        block = encoder.encode(headers)
+        assert ours.decode(block, raw=True) == plain.decode(block, raw=True), step
+        assert list(ours.header_table.dynamic_entries) == list(plain.header_table.dynamic_entries)
+    assert ours.repeats > 1000  # most blocks repeated one seen since the table last changed
+    assert ours.kept() <= KEPT_HEADER_BLOCKS
+
+
+def test_a_remembered_block_is_decoded_again_once_the_table_changed() -> None:
+    encoder, ours = hpack.Encoder(), RepeatingBlocks(LIMIT)
+    encoder.encode([HeaderTuple(b"x-a", b"1")])  # kept in step with `ours` below
+    first = encoder.encode([HeaderTuple(b"x-a", b"1")])
+    ours.decode(hpack.Encoder().encode([HeaderTuple(b"x-a", b"1")]), raw=True)
+    assert ours.decode(first, raw=True) == [(b"x-a", b"1")]  # decoded: now remembered
+    ours.decode(hpack.Encoder().encode([HeaderTuple(b"x-b", b"2")]), raw=True)  # inserts
+    assert ours.kept() == 0
+    # the same bytes now point at another entry of the table (the newest is x-b: 2)
+    assert ours.decode(first, raw=True) == [(b"x-b", b"2")]
+
+
+def test_a_remembered_block_still_meets_a_smaller_header_list_limit() -> None:
+    ours, encoder = RepeatingBlocks(LIMIT), hpack.Encoder()
+    block = encoder.encode([NeverIndexedHeaderTuple(b"x-big", b"v" * 200)])
+    assert ours.decode(block, raw=True) == [(b"x-big", b"v" * 200)]
+    assert ours.decode(block, raw=True) == [(b"x-big", b"v" * 200)]
+    assert ours.repeats == 1
+    ours.max_header_list_size = 100  # our SETTINGS changed
+    with pytest.raises(OversizedHeaderListError):
+        ours.decode(block, raw=True)
+
+
+def test_a_bad_block_fails_and_forgets_everything_if_it_changed_the_table() -> None:
+    ours, encoder = RepeatingBlocks(LIMIT), hpack.Encoder()
+    good = encoder.encode([NeverIndexedHeaderTuple(b"x-a", b"1")])
+    ours.decode(good, raw=True)
+    bad_index = b"\xff\xff\xff\xff\xff\xff\xff\xff\x7f"
+    with pytest.raises(HPACKDecodingError):
+        ours.decode(bad_index, raw=True)
+    assert ours.kept() == 1  # the table is as it was: what is remembered still holds
+    with pytest.raises(HPACKDecodingError):  # adds x-new: v to the table, then fails
+        ours.decode(b"\x40\x05x-new\x01v" + bad_index, raw=True)
+    assert list(ours.header_table.dynamic_entries) == [(b"x-new", b"v")]
+    assert ours.kept() == 0
+
+
+def test_long_blocks_and_text_decoding_are_not_remembered() -> None:
+    ours, encoder = RepeatingBlocks(LIMIT), hpack.Encoder()
+    long_block = encoder.encode([NeverIndexedHeaderTuple(b"x-long", b"v" * 2000)])
+    assert ours.decode(long_block, raw=True) == [(b"x-long", b"v" * 2000)]
+    short = encoder.encode([NeverIndexedHeaderTuple(b"x-a", b"1")])
+    assert ours.decode(short) == [("x-a", "1")]
+    assert ours.kept() == 0
+
+
+def test_answers_are_copies() -> None:
+    ours, encoder = RepeatingBlocks(LIMIT), hpack.Encoder()
+    block = encoder.encode([NeverIndexedHeaderTuple(b"x-a", b"1")])
+    ours.decode(block, raw=True).clear()
+    ours.decode(block, raw=True).append((b"x-z", b"9"))
+    assert ours.decode(block, raw=True) == [(b"x-a", b"1")]
+
+
+def test_every_server_connection_decodes_with_it() -> None:
+    connection = server_connection(100)
+    assert isinstance(connection.decoder, RepeatingBlocks)
+    assert connection.decoder.max_header_list_size == hpack.Decoder().max_header_list_size
