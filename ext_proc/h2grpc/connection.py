@@ -26,7 +26,7 @@ from ext_proc.h2grpc.call import (
     trailers,
 )
 from ext_proc.h2grpc.direct import DirectCall, Metadata
-from ext_proc.h2grpc.h2state import RepeatingBlocks, server_connection
+from ext_proc.h2grpc.h2state import RepeatingBlocks, RepeatingHeaders, server_connection
 from ext_proc.h2grpc.outbound import Outbound
 
 if TYPE_CHECKING:
@@ -118,9 +118,11 @@ class Connection(Outbound, asyncio.Protocol):
         return len(self._metadata)
 
     def kept_blocks(self) -> int:
-        """Header blocks its HPACK decoder remembers decoded (h2state.RepeatingBlocks)."""
-        decoder = self._h2.decoder
-        return decoder.kept() if isinstance(decoder, RepeatingBlocks) else 0
+        """Header blocks its HPACK coders remember: received ones decoded
+        (h2state.RepeatingBlocks), sent ones encoded (RepeatingHeaders)."""
+        decoder, encoder = self._h2.decoder, self._h2.encoder
+        return ((decoder.kept() if isinstance(decoder, RepeatingBlocks) else 0)
+                + (encoder.kept() if isinstance(encoder, RepeatingHeaders) else 0))
 
     def closed_streams(self) -> int:
         """Closed streams h2 remembers for this connection (at most CLOSED_STREAMS_KEPT)."""

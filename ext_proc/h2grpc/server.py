@@ -61,7 +61,7 @@ class Server:
                  KEPT_METADATA),
                 ("server.hpack_blocks",
                  lambda: max((c.kept_blocks() for c in self.connections), default=0),
-                 KEPT_HEADER_BLOCKS),
+                 2 * KEPT_HEADER_BLOCKS),  # received and sent
                 ("server.closed_streams",
                  lambda: max((c.closed_streams() for c in self.connections), default=0),
                  CLOSED_STREAMS_KEPT))

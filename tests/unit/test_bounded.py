@@ -158,8 +158,9 @@ def fill_header_blocks() -> tuple[Bounded, ...]:
 
 
 def fill_hpack_blocks() -> tuple[Bounded, ...]:
-    """Distinct header blocks that leave the dynamic table alone (literals never
-    indexed), each remembered decoded by the connection's HPACK decoder."""
+    """Distinct header blocks that leave the dynamic tables alone (literals never
+    indexed), each remembered by the connection's HPACK decoder (received) or encoder
+    (sent; a header list whose encoding no longer changes the table)."""
     async def fill() -> tuple[Bounded, ...]:
         server = Server()
         connection = Connection(server)
@@ -168,6 +169,9 @@ def fill_hpack_blocks() -> tuple[Bounded, ...]:
         for i in range(KEPT_HEADER_BLOCKS + OVER):
             block = encoder.encode([NeverIndexedHeaderTuple(b"x-route", str(i).encode())])
             connection._h2.decoder.decode(block, raw=True)
+        connection._h2.encoder.header_table_size = 0  # nothing is ever added to it
+        for i in range(KEPT_HEADER_BLOCKS + OVER):
+            connection._h2.encoder.encode([(b"x-sent", str(i).encode())])
         return tuple(Bounded(*b) for b in server.bounded())
     return asyncio.run(fill())
 

@@ -1,16 +1,23 @@
-"""`RepeatingBlocks`: a header block decoded once is answered from memory only while the
-dynamic table and the limits are as they were; every answer equals hpack's own."""
+"""`RepeatingBlocks` and `RepeatingHeaders`: a header block decoded once (a header list
+encoded once) is answered from memory only while the dynamic table and the limits are as
+they were; every answer equals hpack's own."""
 
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import hpack
 import pytest
 from hpack import HeaderTuple, NeverIndexedHeaderTuple
 from hpack.exceptions import HPACKDecodingError, OversizedHeaderListError
 
-from ext_proc.h2grpc.h2state import KEPT_HEADER_BLOCKS, RepeatingBlocks, server_connection
+from ext_proc.h2grpc.h2state import (
+    KEPT_HEADER_BLOCKS,
+    RepeatingBlocks,
+    RepeatingHeaders,
+    server_connection,
+)
 
 LIMIT = 64 * 1024
 
@@ -119,3 +126,53 @@ def test_every_server_connection_decodes_with_it() -> None:
     connection = server_connection(100)
     assert isinstance(connection.decoder, RepeatingBlocks)
     assert connection.decoder.max_header_list_size == hpack.Decoder().max_header_list_size
+
+
+# -- sent: RepeatingHeaders ---------------------------------------------------------
+
+ANSWER = [(b":status", b"200"), (b"content-type", b"application/grpc")]
+OK = [(b"grpc-status", b"0")]
+
+
+def test_the_answer_headers_are_encoded_as_hpack_would_and_then_from_memory() -> None:
+    ours, plain, peer = RepeatingHeaders(), hpack.Encoder(), hpack.Decoder()
+    for _ in range(5):
+        for headers in (ANSWER, OK):
+            block = ours.encode(headers)
+            assert block == plain.encode(headers)
+            assert peer.decode(block, raw=True) == headers
+    assert ours.kept() == 2
+    assert ours.repeats == 6  # each list added itself, was remembered, then repeated
+
+
+def test_encodings_equal_hpacks_through_insertions_resizes_and_never_indexed() -> None:
+    rng = random.Random(6122026)
+    ours, plain, peer = RepeatingHeaders(), hpack.Encoder(), hpack.Decoder(LIMIT)
+    values = [f"v{i}".encode() for i in range(10)]
+    for step in range(3000):
+        if step % 400 == 200:  # the peer's SETTINGS_HEADER_TABLE_SIZE
+            ours.header_table_size = plain.header_table_size = rng.choice([0, 64, 256, 4096])
+        headers: list[Any] = [(b"x-route", rng.choice(values[:3] if rng.random() < 0.9
+                                                       else values))]
+        if rng.random() < 0.1:  # equal to a plain tuple, encoded apart
+            headers = [NeverIndexedHeaderTuple(*headers[0])]
+        block = ours.encode(headers)
+        assert block == plain.encode(headers), step
+        assert peer.decode(block, raw=True) == [tuple(h) for h in headers]
+    assert list(ours.header_table.dynamic_entries) == list(plain.header_table.dynamic_entries)
+    assert ours.repeats > 1000
+
+
+def test_a_table_size_update_due_is_sent_before_a_remembered_list() -> None:
+    ours, peer = RepeatingHeaders(), hpack.Decoder()
+    for _ in range(3):
+        peer.decode(ours.encode(ANSWER), raw=True)
+    ours.header_table_size = 1024  # the peer asked for a smaller table
+    block = ours.encode(ANSWER)
+    assert block[0] & 0xE0 == 0x20  # starts with a dynamic table size update
+    assert peer.decode(block, raw=True) == ANSWER
+    assert peer.header_table_size == 1024
+
+
+def test_every_server_connection_encodes_with_it() -> None:
+    assert isinstance(server_connection(100).encoder, RepeatingHeaders)
