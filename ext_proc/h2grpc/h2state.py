@@ -49,9 +49,12 @@ class _H2Connection(h2.connection.H2Connection):
 
 
 # Header blocks each connection remembers (received decoded, sent encoded), and the
-# longest received block remembered.
+# largest one remembered: a block (encoded) of at most 1 KiB and 32 headers, so that a
+# peer can make a connection hold at most ~64 x 2 KiB. The blocks Envoy and our answers
+# repeat are a few dozen bytes.
 KEPT_HEADER_BLOCKS: Final = 64
 _LONGEST_KEPT: Final = 1024  # bytes
+_MOST_HEADERS_KEPT: Final = 32
 
 
 def _mark(table: Any) -> tuple[Any, ...]:
@@ -103,7 +106,8 @@ class RepeatingBlocks(hpack.Decoder):
             unchanged = _same(before, self._state())
             if not unchanged:
                 self._known.clear()
-        if unchanged and raw and len(data) <= _LONGEST_KEPT:
+        if (unchanged and raw and len(data) <= _LONGEST_KEPT
+                and len(headers) <= _MOST_HEADERS_KEPT):
             if len(self._known) >= KEPT_HEADER_BLOCKS:
                 self._known.clear()
             self._known[bytes(data)] = (headers, before)
@@ -115,9 +119,9 @@ class RepeatingHeaders(hpack.Encoder):
     """hpack's encoder, which encodes a header list it has sent once only while the
     dynamic table stays as it was (and no table size update is due): the answer
     headers and OK trailers of every stream are the same lists, whose encoding was
-    ~4 % of the sidecar's busy time. Only lists of plain (name, value) tuples are
-    remembered: a `NeverIndexedHeaderTuple` compares equal to a plain tuple but must
-    not be encoded as one."""
+    ~4 % of the sidecar's busy time. Only short lists of plain (name, value) tuples
+    of bytes are remembered: a `NeverIndexedHeaderTuple` compares equal to a plain
+    tuple but must not be encoded as one, and True equals 1 but is not sent as 1."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -129,7 +133,9 @@ class RepeatingHeaders(hpack.Encoder):
 
     def encode(self, headers: Any, huffman: bool = True) -> bytes:
         table, key = self.header_table, None
-        if type(headers) is list and all(type(h) is tuple and len(h) == 2 for h in headers):
+        if (type(headers) is list and len(headers) <= _MOST_HEADERS_KEPT
+                and all(type(h) is tuple and len(h) == 2 and type(h[0]) is bytes
+                        and type(h[1]) is bytes for h in headers)):
             key = (huffman, tuple(headers))
             known = self._known.get(key)
             if known is not None and not table.resized and _same(known[1], _mark(table)):
@@ -139,7 +145,7 @@ class RepeatingHeaders(hpack.Encoder):
         encoded = super().encode(headers, huffman)
         if resized or not _same(before, _mark(table)):
             self._known.clear()
-        elif key is not None:
+        elif key is not None and len(encoded) <= _LONGEST_KEPT:
             if len(self._known) >= KEPT_HEADER_BLOCKS:
                 self._known.clear()
             self._known[key] = (encoded, before)

@@ -176,3 +176,77 @@ def test_a_table_size_update_due_is_sent_before_a_remembered_list() -> None:
 
 def test_every_server_connection_encodes_with_it() -> None:
     assert isinstance(server_connection(100).encoder, RepeatingHeaders)
+
+
+def test_settings_back_and_forth_still_send_both_size_updates() -> None:
+    """The peer's table size goes 4096 -> 1024 -> 4096 before our next answer: the
+    table looks as it was, but hpack owes the peer both updates."""
+    ours, plain, peer = RepeatingHeaders(), hpack.Encoder(), hpack.Decoder()
+    for _ in range(3):
+        assert ours.encode(ANSWER) == plain.encode(ANSWER)
+        peer.decode(ours.encode(OK), raw=True) and plain.encode(OK)
+    for coder in (ours, plain):
+        coder.header_table_size = 1024
+        coder.header_table_size = 4096
+    block = ours.encode(ANSWER)
+    assert block == plain.encode(ANSWER)
+    assert block[0] & 0xE0 == 0x20  # the updates come first
+
+
+def test_a_lower_table_limit_is_checked_for_a_remembered_block() -> None:
+    encoder, ours, plain = hpack.Encoder(), RepeatingBlocks(LIMIT), hpack.Decoder(LIMIT)
+    blocks = [encoder.encode([HeaderTuple(b"x-a", b"1")]) for _ in range(3)]
+    for block in blocks:
+        assert ours.decode(block, raw=True) == plain.decode(block, raw=True)
+    assert ours.repeats == 1
+    for decoder in (ours, plain):
+        decoder.max_allowed_table_size = 16  # our SETTINGS shrank the table it may use
+    with pytest.raises(hpack.InvalidTableSizeError):
+        plain.decode(blocks[-1], raw=True)
+    with pytest.raises(hpack.InvalidTableSizeError):
+        ours.decode(blocks[-1], raw=True)
+
+
+def test_an_equal_entry_added_again_is_a_change_of_the_table() -> None:
+    """A table with room for one entry: adding x-a: 1 again evicts the equal entry. The
+    table looks the same by value but indices may now point elsewhere: what was
+    remembered must be decoded again (the newest entry is another object)."""
+    encoder = hpack.Encoder()
+    encoder.header_table_size = 40  # one entry of 3 + 1 + 32 bytes
+    ours, plain = RepeatingBlocks(LIMIT), hpack.Decoder(LIMIT)
+    size_update = encoder.encode([NeverIndexedHeaderTuple(b"x-z", b"0")])
+    adds = encoder.encode([HeaderTuple(b"x-a", b"1")])
+    uses = encoder.encode([HeaderTuple(b"x-a", b"1")])
+    for block in (size_update, adds, uses, uses):
+        assert ours.decode(block, raw=True) == plain.decode(block, raw=True)
+    assert ours.repeats == 1
+    assert adds[0] == 0x40  # a literal that adds itself to the table
+    assert ours.decode(adds, raw=True) == plain.decode(adds, raw=True)  # evicts its twin
+    assert ours.kept() == 0
+
+
+def test_large_blocks_and_lists_are_not_remembered_either_way() -> None:
+    many = [(b"x-%d" % i, b"v") for i in range(40)]
+    sent = RepeatingHeaders()
+    sent.header_table_size = 0  # nothing is ever added: every list could be remembered
+    sent.encode(many)
+    sent.encode([(b"x-long", b"v" * 2000)])
+    assert sent.kept() == 0
+    sent.encode([(b"x-short", b"v")])
+    assert sent.kept() == 1
+    received = RepeatingBlocks(LIMIT)
+    received.decode(b"\x82" * 40, raw=True)  # 40 indexed headers in 40 bytes
+    assert received.kept() == 0
+
+
+def test_only_bytes_are_remembered_on_the_way_out() -> None:
+    """True == 1 and "1" != b"1": only names and values of bytes are remembered."""
+    sent = RepeatingHeaders()
+    sent.header_table_size = 0
+    sent.encode([(b"x-a", b"1")])  # sends the size update: not remembered
+    for headers in ([(b"x-a", "1")], [(b"x-a", True)], [(b"x-a", 1)]):
+        sent.encode(headers)
+        sent.encode(headers)
+    assert sent.kept() == 0
+    assert sent.encode([(b"x-a", b"1")]) == sent.encode([(b"x-a", b"1")])
+    assert sent.kept() == 1
