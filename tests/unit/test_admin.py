@@ -17,6 +17,7 @@ from ext_proc.admin import AdminEndpoints, AdminServer, parse_request
 from ext_proc.app import build_sidecar
 from ext_proc.config import load_settings
 from ext_proc.config.telemetry import AdminSettings
+from ext_proc.dev.devstack import free_port
 from ext_proc.telemetry.metrics.exposition import OPENMETRICS_CONTENT_TYPE, TEXT_CONTENT_TYPE
 
 LOOPBACK = AdminSettings(listen="127.0.0.1:0")
@@ -109,8 +110,8 @@ def test_parse_request_rejects_malformed_heads() -> None:
 def test_admin_settings_are_loopback_unless_allowed() -> None:
     assert AdminSettings().listen is None
     with pytest.raises(ValidationError, match="not loopback"):
-        AdminSettings(listen="0.0.0.0:9464")
-    assert AdminSettings(listen="0.0.0.0:9464", allow_non_loopback=True).listen
+        AdminSettings(listen=f"0.0.0.0:{free_port()}")
+    assert AdminSettings(listen=f"0.0.0.0:{free_port()}", allow_non_loopback=True).listen
     with pytest.raises(ValidationError):
         AdminSettings(listen="nope")
     with pytest.raises(ValueError, match=r"admin\.listen"):

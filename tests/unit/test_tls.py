@@ -101,22 +101,22 @@ def test_loopback_plaintext_is_allowed(listen: str) -> None:
     check_listen_security(ServerSettings(listen=listen))
 
 
-@pytest.mark.parametrize("listen", ["0.0.0.0:50051", "[::]:50051", "10.0.0.5:1", "sidecar:1"])
-def test_non_loopback_plaintext_is_refused(listen: str) -> None:
+@pytest.mark.parametrize("host", ["0.0.0.0", "[::]", "10.0.0.5", "sidecar"])
+def test_non_loopback_plaintext_is_refused(host: str) -> None:
     with pytest.raises(TransportSecurityError,
                        match="EXTPROC_SERVER__ALLOW_INSECURE_NON_LOOPBACK"):
-        check_listen_security(ServerSettings(listen=listen))
+        check_listen_security(ServerSettings(listen=f"{host}:{free_port()}"))
 
 
 def test_opt_in_allows_plaintext_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
-    check_listen_security(ServerSettings(listen="0.0.0.0:50051",
+    check_listen_security(ServerSettings(listen=f"0.0.0.0:{free_port()}",
                                          allow_insecure_non_loopback=True))
     warnings = [r for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1 and "unencrypted" in warnings[0].getMessage()
 
 
 def test_non_loopback_with_tls_needs_no_opt_in(pki: Pki) -> None:
-    check_listen_security(ServerSettings(**tls_server(pki, listen="0.0.0.0:50051")))
+    check_listen_security(ServerSettings(**tls_server(pki, listen=f"0.0.0.0:{free_port()}")))
 
 
 def test_cli_refuses_a_plaintext_wildcard_listen_with_exit_2() -> None:
