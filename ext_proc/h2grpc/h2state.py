@@ -70,6 +70,13 @@ def _same(before: tuple[Any, ...], after: tuple[Any, ...]) -> bool:
     return after[1] is before[1] and after == before
 
 
+def _remember(known: dict[Any, Any], key: Any, value: Any) -> None:
+    """`known[key] = value`, forgetting everything first at KEPT_HEADER_BLOCKS."""
+    if len(known) >= KEPT_HEADER_BLOCKS:
+        known.clear()
+    known[key] = value
+
+
 class RepeatingBlocks(hpack.Decoder):
     """hpack's decoder, which decodes a header block it has seen once only while the
     dynamic table stays as it was.
@@ -108,9 +115,7 @@ class RepeatingBlocks(hpack.Decoder):
                 self._known.clear()
         if (unchanged and raw and len(data) <= _LONGEST_KEPT
                 and len(headers) <= _MOST_HEADERS_KEPT):
-            if len(self._known) >= KEPT_HEADER_BLOCKS:
-                self._known.clear()
-            self._known[bytes(data)] = (headers, before)
+            _remember(self._known, bytes(data), (headers, before))
             return list(headers)
         return headers
 
@@ -146,9 +151,7 @@ class RepeatingHeaders(hpack.Encoder):
         if resized or not _same(before, _mark(table)):
             self._known.clear()
         elif key is not None and len(encoded) <= _LONGEST_KEPT:
-            if len(self._known) >= KEPT_HEADER_BLOCKS:
-                self._known.clear()
-            self._known[key] = (encoded, before)
+            _remember(self._known, key, (encoded, before))
         return encoded
 
 
