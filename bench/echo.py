@@ -150,7 +150,8 @@ async def _serve_grpclib(port: int) -> None:
 
 async def _serve_aio(port: int, mode: str) -> None:
     server: grpc.aio.Server | h2grpc.Server = \
-        h2grpc.Server() if mode.startswith("h2") else grpc.aio.server()
+        h2grpc.Server(http2_layer=os.environ.get("EXTPROC_SERVER__HTTP2_LAYER")) \
+        if mode.startswith("h2") else grpc.aio.server()
     pb_grpc.add_ExternalProcessorServicer_to_server(
         AioReadWriteEcho() if mode == "aio-rw" else AioEcho(), server)
     if mode == "h2" and isinstance(server, h2grpc.Server):

@@ -6,15 +6,17 @@ load): HEADERS, a DATA frame with one request message, and an empty END_STREAM D
 frame; it answers each with HEADERS, one DATA frame and trailers. CPU per stream,
 receiving and sending, side by side in one run (the layers alternate per round):
 
-- ``h2``: the sidecar's connection (``ext_proc.h2grpc.h2state.server_connection``);
+- ``h2``: the h2 library's connection as the engine had it until 0.2.0
+  (``ext_proc.h2grpc.h2state.server_connection``, ``server.http2_layer: h2``);
 - ``h2, hpack's coders``: the same without the remembered header blocks;
+- ``builtin``: the engine's own layer (``ext_proc.h2grpc.http2``, the default);
 - ``frames only``: the least any HTTP/2 layer must do for these frames (frame
   headers parsed and built with ``struct``, the same HPACK coders as ``h2``,
   flow-control windows counted, a WINDOW_UPDATE when half a window is used, stream
   ids checked). It is not a server: no CONTINUATION, PRIORITY or padding, no
-  errors. It bounds what replacing ``h2`` could save: the rest is unavoidable.
+  errors. It bounds what any HTTP/2 layer could save: the rest is unavoidable.
 
-`check()` proves the three see the same requests, and that an h2 client reads the
+`check()` proves they all see the same requests, and that an h2 client reads the
 same responses from each. bench/README.md ("where a recorded request's CPU goes")
 puts the figures beside the sidecar's under load.
 """
@@ -34,6 +36,7 @@ import h2.events
 import hpack
 
 from ext_proc.h2grpc.h2state import RepeatingBlocks, RepeatingHeaders, server_connection
+from ext_proc.h2grpc.http2 import ServerConnection
 
 STREAMS_AT_ONCE: Final = 32
 _PATH: Final = b"/envoy.service.ext_proc.v3.ExternalProcessor/Process"
@@ -148,10 +151,11 @@ class FramesOnly:
 
 
 class H2Layer:
-    """An h2 server connection, driven as ext_proc.h2grpc drives it."""
+    """A server connection (h2's, or the builtin one with `builtin`), driven as
+    ext_proc.h2grpc drives it."""
 
-    def __init__(self, plain_hpack: bool = False) -> None:
-        self.connection = server_connection(1000)
+    def __init__(self, plain_hpack: bool = False, builtin: bool = False) -> None:
+        self.connection: Any = ServerConnection(1000) if builtin else server_connection(1000)
         if plain_hpack:
             self.connection.decoder = hpack.Decoder(self.connection.decoder.max_header_list_size)
             self.connection.encoder = hpack.Encoder()
@@ -192,6 +196,7 @@ class H2Layer:
 LAYERS: Final[dict[str, Callable[[], Any]]] = {
     "h2": H2Layer,
     "h2, hpack's coders": lambda: H2Layer(plain_hpack=True),
+    "builtin": lambda: H2Layer(builtin=True),
     "frames only": FramesOnly,
 }
 

@@ -212,6 +212,7 @@ SIDECAR_AB: Final = {
     "sidecar-als0": {},
     "sidecar-grpcio": {"EXTPROC_SERVER__ENGINE": "grpcio"},
     "sidecar-phases": {"EXTPROC_STREAM__PHASE_SPANS": "true"},
+    "sidecar-h2lib": {"EXTPROC_SERVER__HTTP2_LAYER": "h2"},  # the h2 library's HTTP/2
     "sidecar-1pct-prefilter-als64k": {},  # the prefilter row, access log in 64 KiB batches
 }
 # Access-log buffer sizes (bytes) of rows that change envoy.yaml's 16 KiB: 0 sends one
@@ -229,10 +230,13 @@ PREFILTER_PARTS: Final = {
 # config or, with "-full", envoy-full.yaml.
 ECHO: Final = {"echo": "h2", "echo-full": "h2", "echo-task": "h2-task", "echo-grpcio": "aio",
                "echo-grpcio-full": "aio", "echo-rw": "aio-rw", "echo-sync": "sync",
-               "echo-sync-full": "sync", "echo-busy75": "h2", "echo-grpclib": "grpclib"}
+               "echo-sync-full": "sync", "echo-busy75": "h2", "echo-grpclib": "grpclib",
+               "echo-h2lib": "h2"}
 # echo-busy75: 75 us of CPU per answered message (150 per request), about what our
 # own code costs per request (bench.hotpath): how much gRPC's share grows with it.
-ECHO_ENV: Final = {"echo-busy75": {"ECHO_BUSY_US": "75"}}
+ECHO_ENV: Final = {"echo-busy75": {"ECHO_BUSY_US": "75"},
+                   # the h2 engine on the h2 library's HTTP/2 layer (before 0.2.0)
+                   "echo-h2lib": {"EXTPROC_SERVER__HTTP2_LAYER": "h2"}}
 
 WORKERS_STREAMS: Final = 4  # measured with make bench: see the README's Performance section
 _WORKERS_HEADER: Final = """\

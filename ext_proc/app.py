@@ -225,7 +225,7 @@ def build_server(settings: Settings) -> grpc.aio.Server | h2grpc.Server:
             max_concurrent_streams=server_settings.max_concurrent_streams,
             max_receive_message_length=server_settings.max_receive_message_bytes,
             reuse_port=reuse_port, max_backlog=server_settings.max_backlog,
-            sheddable=(PROCESS_METHOD,))
+            sheddable=(PROCESS_METHOD,), http2_layer=server_settings.http2_layer)
     return grpc.aio.server(options=[
         ("grpc.max_concurrent_streams", server_settings.max_concurrent_streams),
         ("grpc.max_receive_message_length", server_settings.max_receive_message_bytes),

@@ -27,6 +27,7 @@ from ext_proc.h2grpc.call import (
 )
 from ext_proc.h2grpc.direct import DirectCall, Metadata
 from ext_proc.h2grpc.h2state import RepeatingBlocks, RepeatingHeaders, server_connection
+from ext_proc.h2grpc.http2 import ServerConnection
 from ext_proc.h2grpc.outbound import Outbound
 
 if TYPE_CHECKING:
@@ -47,7 +48,9 @@ def _unimplemented(path: bytes) -> Headers:
 
 class Connection(Outbound, asyncio.Protocol):
     def __init__(self, server: Server) -> None:
-        super().__init__(server, server_connection(server.max_concurrent_streams))
+        super().__init__(server, ServerConnection(server.max_concurrent_streams)
+                         if server.http2_layer == "builtin"
+                         else server_connection(server.max_concurrent_streams))
         self._reading = False  # inside data_received
         self._opened = 0
         self._to_settle: list[DirectCall] = []
@@ -160,6 +163,10 @@ class Connection(Outbound, asyncio.Protocol):
                                          "stream ended inside a message"))
                 call.end_of_requests()
         elif kind is h2.events.StreamReset:
+            if not event.remote_reset:  # a stream error of the peer's (http2.py)
+                self._server.protocol_error(
+                    "HTTP/2 stream error: stream reset", self.peer, h2.exceptions.ProtocolError(
+                        f"stream {event.stream_id}: {h2.errors.ErrorCodes(event.error_code).name}"))
             self._pending.pop(event.stream_id, None)
             call = self.calls.pop(event.stream_id, None)
             if call is not None:

@@ -19,7 +19,7 @@ _CONFIG: Final = h2.config.H2Configuration(
     # worker; only :path is read here, and the servicers parse what they use.
     validate_outbound_headers=False, normalize_outbound_headers=False,
     validate_inbound_headers=False, normalize_inbound_headers=False)
-_WINDOW: Final = 1 << 20  # per-stream receive window we announce
+STREAM_WINDOW: Final = 1 << 20  # per-stream receive window we announce
 
 
 class _DrainingStateMachine(h2.connection.H2ConnectionStateMachine):
@@ -138,6 +138,8 @@ class RepeatingHeaders(hpack.Encoder):
 
     def encode(self, headers: Any, huffman: bool = True) -> bytes:
         table, key = self.header_table, None
+        if self.table_size_changes:
+            self._settle_size_changes()
         if (type(headers) is list and len(headers) <= _MOST_HEADERS_KEPT
                 and all(type(h) is tuple and len(h) == 2 and type(h[0]) is bytes
                         and type(h[1]) is bytes for h in headers)):
@@ -155,6 +157,18 @@ class RepeatingHeaders(hpack.Encoder):
         return encoded
 
 
+    def _settle_size_changes(self) -> None:
+        """The table size updates this block owes the peer (RFC 7541 4.2): the smallest
+        size set since the last block, then the size now if larger. hpack would send
+        every size set, in order: a peer whose limit is already the last one
+        (SETTINGS 256 then 0, both acknowledged) refuses the 256 and ends the
+        connection. And setting the size it had again makes hpack forget an update
+        still due (SETTINGS 256 twice): the next block would carry none."""
+        smallest, size = min(self.table_size_changes), self.header_table.maxsize
+        self.table_size_changes = [smallest] if smallest == size else [smallest, size]
+        self.header_table.resized = True
+
+
 def server_connection(max_concurrent_streams: int) -> h2.connection.H2Connection:
     """A server-side h2 connection state announcing our limits and windows."""
     connection = _H2Connection(_CONFIG)
@@ -162,7 +176,7 @@ def server_connection(max_concurrent_streams: int) -> h2.connection.H2Connection
     connection.encoder = RepeatingHeaders()
     connection.local_settings = h2.settings.Settings(client=False, initial_values={
         h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: max_concurrent_streams,
-        h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: _WINDOW,
+        h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
         h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: 16 * 1024,
     })
     connection.state_machine = _DrainingStateMachine()

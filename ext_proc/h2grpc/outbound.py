@@ -16,13 +16,15 @@ from loguru import logger
 
 from ext_proc.h2grpc.call import Call, Headers
 from ext_proc.h2grpc.direct import DirectCall
+from ext_proc.h2grpc.http2 import ServerConnection
 
 if TYPE_CHECKING:
     from ext_proc.h2grpc.server import Server
 
 
 class Outbound:
-    def __init__(self, server: Server, connection: h2.connection.H2Connection) -> None:
+    def __init__(self, server: Server,
+                 connection: h2.connection.H2Connection | ServerConnection) -> None:
         self._server = server
         self._h2 = connection
         self.loop = asyncio.get_running_loop()

@@ -8,7 +8,7 @@ import contextlib
 import socket
 import ssl
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple
 
 from loguru import logger
 
@@ -17,6 +17,9 @@ from ext_proc.h2grpc.connection import KEPT_METADATA, Connection
 from ext_proc.h2grpc.direct import DirectMethod
 from ext_proc.h2grpc.h2state import CLOSED_STREAMS_KEPT, KEPT_HEADER_BLOCKS
 from ext_proc.telemetry.throttle import Throttle
+
+HTTP2_LAYERS: Final = ("builtin", "h2")
+HTTP2_LAYER = "builtin"  # the default (the suite runs the engine's tests with each)
 
 
 class _Details(NamedTuple):  # grpc.HandlerCallDetails for generic handlers
@@ -28,10 +31,15 @@ class Server:
     def __init__(self, *, max_concurrent_streams: int = 10_000,
                  max_receive_message_length: int = 4 * 1024 * 1024,
                  reuse_port: bool = False, max_backlog: int = 1 << 30,
-                 sheddable: Iterable[str] = ()) -> None:
+                 sheddable: Iterable[str] = (), http2_layer: str | None = None) -> None:
         """`max_backlog`: once that many calls wait for their handler to start, new
         calls to a `sheddable` method ("/package.Service/Method") are answered
-        UNAVAILABLE at once instead of joining the queue (load shedding)."""
+        UNAVAILABLE at once instead of joining the queue (load shedding).
+        `http2_layer`: "builtin" (ext_proc.h2grpc.http2) or "h2" (the h2 library);
+        None: HTTP2_LAYER."""
+        self.http2_layer = http2_layer or HTTP2_LAYER
+        if self.http2_layer not in HTTP2_LAYERS:
+            raise ValueError(f"http2_layer: {self.http2_layer!r} is not one of {HTTP2_LAYERS}")
         self.max_concurrent_streams = max_concurrent_streams
         self.max_backlog = max_backlog
         self.sheddable = frozenset(path.encode() for path in sheddable)

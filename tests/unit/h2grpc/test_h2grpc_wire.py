@@ -244,3 +244,25 @@ async def test_an_answer_before_the_client_finished_sending_releases_the_stream(
         assert client.of(1, h2.events.StreamReset)[0].error_code == h2.errors.ErrorCodes.NO_ERROR
         await _echo_works(client, 3)
         client.close()
+
+
+async def test_a_stream_error_costs_only_its_stream_and_is_counted(http2_layer: str) -> None:
+    """Trailers without END_STREAM on an open call: the builtin layer resets that stream
+    (RFC 9113 8.1: malformed) and counts it; the h2 library ends the connection."""
+    async with serving() as (server, port):
+        client = RawClient()
+        await client.connect(port)
+        client.open(1, "Echo")
+        client.send(1, b"ping")
+        await client.until(lambda: client.received(1) > 0)
+        block = client.h2.encoder.encode([(b"x-trailer", b"no end_stream")])
+        client._writer.write(len(block).to_bytes(3, "big") + b"\x01\x04\0\0\0\x01" + block)
+        if http2_layer == "builtin":
+            await client.until(lambda: bool(client.of(1, h2.events.StreamReset)))
+            assert (client.of(1, h2.events.StreamReset)[0].error_code
+                    == h2.errors.ErrorCodes.PROTOCOL_ERROR)
+            await _echo_works(client, 3)  # the connection serves on
+        else:
+            await client.until(lambda: client.eof)
+        assert server.protocol_errors == 1
+        client.close()

@@ -250,3 +250,30 @@ def test_only_bytes_are_remembered_on_the_way_out() -> None:
     assert sent.kept() == 0
     assert sent.encode([(b"x-a", b"1")]) == sent.encode([(b"x-a", b"1")])
     assert sent.kept() == 1
+
+
+def _size_updates(block: bytes) -> list[int]:
+    """The dynamic table size updates a header block starts with."""
+    updates, at = [], 0
+    while at < len(block) and block[at] & 0xE0 == 0x20:
+        value, used = hpack.hpack.decode_integer(block[at:], 5)
+        updates.append(value)
+        at += used
+    return updates
+
+
+def test_size_updates_owed_are_the_smallest_then_the_last() -> None:
+    """RFC 7541 4.2, where hpack sends every size set: SETTINGS 256 then 0, both
+    acknowledged, leave the peer a limit of 0, and an update to 256 would be refused;
+    the same size set twice must still send the update it owes."""
+    for sizes, updates in (((256, 0), [0]), ((256, 256), [256]), ((0, 256, 4096), [0, 4096]),
+                           ((1024, 4096), [1024, 4096]), ((4096,), [])):
+        encoder = RepeatingHeaders()
+        for size in sizes:
+            encoder.header_table_size = size
+        block = encoder.encode([(b":status", b"200")])
+        assert _size_updates(block) == updates, sizes
+        decoder = hpack.Decoder()
+        decoder.max_allowed_table_size = sizes[-1]  # the peer's limit: its last SETTINGS
+        assert decoder.decode(block, raw=True) == [(b":status", b"200")], sizes
+        assert _size_updates(encoder.encode([(b":status", b"200")])) == []  # owed once
