@@ -1,6 +1,7 @@
 """One HTTP/2 connection (asyncio protocol): frames in, calls dispatched, frames out.
 
-The h2 library keeps the protocol state (HPACK, flow control, stream states,
+The HTTP/2 layer (`ext_proc.h2grpc.http2`, or the h2 library's `H2Connection`:
+`server.http2_layer`) keeps the protocol state (HPACK, flow control, stream states,
 SETTINGS and PING answers); this class maps streams to `Call`s. The sending side
 (`Outbound`) batches what the calls send within one event-loop turn into one write.
 """

@@ -1,4 +1,5 @@
-"""The h2 library's connection state, as the server side of the sidecar needs it:
+"""The h2 library's connection state (`server.http2_layer: h2`), as the server side of
+the sidecar needs it, and the HPACK coders both HTTP/2 layers use:
 lenient header checks, GOAWAY that lets open streams finish, a bounded memory of
 closed streams, header blocks that repeat decoded once, and the SETTINGS it announces."""
 

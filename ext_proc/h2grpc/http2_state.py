@@ -4,6 +4,7 @@ stream states, resets and GOAWAY (`ext_proc.h2grpc.http2` reads; see its docstri
 from __future__ import annotations
 
 import struct
+from collections import OrderedDict
 from typing import Any, Final
 
 import h2.connection
@@ -83,7 +84,9 @@ class Http2State:
         self.max_outbound_frame_size = 16384  # the peer's SETTINGS_MAX_FRAME_SIZE
         self._max_streams = max_concurrent_streams
         self._streams: dict[int, Stream] = {}
-        self._closed_streams: dict[int, int] = {}  # the last CLOSED_STREAMS_KEPT: how
+        # the last CLOSED_STREAMS_KEPT, and how each closed: an OrderedDict, whose oldest
+        # entry goes in O(1) (a dict's next(iter()) walks the holes left at its front)
+        self._closed_streams: OrderedDict[int, int] = OrderedDict()
         self._out = bytearray()
         self._buffer = bytearray()  # the start of a frame not yet whole ...
         self._needed = 0  # ... and how long it must grow to be read again
@@ -203,7 +206,7 @@ class Http2State:
         self._streams.pop(sid, None)
         closed = self._closed_streams
         if len(closed) >= CLOSED_STREAMS_KEPT:
-            del closed[next(iter(closed))]
+            closed.popitem(last=False)
         closed[sid] = how
 
     def _reset(self, sid: int, code: int, events: list[Any]) -> None:

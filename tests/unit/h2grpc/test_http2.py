@@ -448,6 +448,7 @@ def test_closed_streams_remembered_are_bounded() -> None:
         peer.open(sid, end_stream=True)
         peer.conn.send_headers(sid, [(b":status", b"200")], end_stream=True)
     assert len(peer.conn._closed_streams) == CLOSED_STREAMS_KEPT
+    assert min(peer.conn._closed_streams) == 21  # the oldest ten (1-19) went first
     assert not peer.conn._streams
 
 
