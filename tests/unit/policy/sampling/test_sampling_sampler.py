@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from typing import Any
@@ -24,6 +25,7 @@ from ext_proc.policy.sampling import (
     sampler_from_env,
     with_directive,
 )
+from ext_proc.policy.sampling.directive import SamplingDirective
 
 N = 10_000
 
@@ -221,3 +223,18 @@ def test_upstream_flag_equals_decision_with_real_provider() -> None:
     assert {sid for sid, flag in flags_by_span.items() if flag} == exported
     assert 0 < len(exported) < 2000
     provider.shutdown()
+
+
+def test_a_directive_bound_again_keeps_every_other_field() -> None:
+    """`bound_to` (the prefilter's root decision) is `dataclasses.replace(bound=...)`:
+    every field given a value of its own, so that one it forgot would show."""
+    gate = object()
+    directive = SamplingDirective(ratio=0.25, source="rule", rule="r1", tenant="acme",
+                                  bound=123, follow_parent=False, record_unsampled=True,
+                                  gate=gate)  # type: ignore[arg-type]
+    again = directive.bound_to(456)
+    assert again == dataclasses.replace(directive, bound=456)
+    assert again.bound == 456 and again.gate is gate
+    assert [f.name for f in dataclasses.fields(SamplingDirective)] == [
+        "ratio", "source", "rule", "tenant", "bound", "follow_parent", "record_unsampled",
+        "gate"]  # a new field must be added to bound_to too
