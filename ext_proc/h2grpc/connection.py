@@ -164,7 +164,10 @@ class Connection(Outbound, asyncio.Protocol):
                                          "stream ended inside a message"))
                 call.end_of_requests()
         elif kind is h2.events.StreamReset:
-            if not event.remote_reset:  # a stream error of the peer's (http2.py)
+            # a stream error of the peer's (http2.py); not a stream refused past our
+            # limit, which a peer may open before it has read our SETTINGS
+            if (not event.remote_reset
+                    and event.error_code != h2.errors.ErrorCodes.REFUSED_STREAM):
                 self._server.protocol_error(
                     "HTTP/2 stream error: stream reset", self.peer, h2.exceptions.ProtocolError(
                         f"stream {event.stream_id}: {h2.errors.ErrorCodes(event.error_code).name}"))

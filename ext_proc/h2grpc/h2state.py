@@ -54,6 +54,8 @@ class _H2Connection(h2.connection.H2Connection):
 # peer can make a connection hold at most ~64 x 2 KiB. The blocks Envoy and our answers
 # repeat are a few dozen bytes.
 KEPT_HEADER_BLOCKS: Final = 64
+# The largest HPACK table we encode with, whatever the peer allows (its default, 4096)
+ENCODER_TABLE_MAX: Final = 4096
 _LONGEST_KEPT: Final = 1024  # bytes
 _MOST_HEADERS_KEPT: Final = 32
 
@@ -157,6 +159,21 @@ class RepeatingHeaders(hpack.Encoder):
             _remember(self._known, key, (encoded, before))
         return encoded
 
+
+    @property
+    def header_table_size(self) -> int:
+        return int(self.header_table.maxsize)
+
+    @header_table_size.setter
+    def header_table_size(self, value: int) -> None:
+        """The peer's SETTINGS_HEADER_TABLE_SIZE, capped at ENCODER_TABLE_MAX (RFC 7541
+        4.2 lets an encoder use less than the peer allows: a peer allowing 4 GiB made
+        every answer's headers stay in the table, 12 MB after 4,000 UNIMPLEMENTED
+        replies); the size updates owed stay at most two, however many SETTINGS come
+        before the next answer."""
+        hpack.Encoder.header_table_size.fset(self, min(value, ENCODER_TABLE_MAX))  # type: ignore[attr-defined]
+        if len(self.table_size_changes) > 2:
+            self._settle_size_changes()
 
     def _settle_size_changes(self) -> None:
         """The table size updates this block owes the peer (RFC 7541 4.2): the smallest

@@ -148,11 +148,10 @@ class ServerConnection(ControlFrames):
     def _not_open(self, sid: int, kind: str) -> bool:
         """A DATA or HEADERS frame for a stream that is not open: True when it is to be
         ignored (we reset it); a connection error when it is idle or closed."""
-        how = self._closed_streams.get(sid)
-        if how == RESET_BY_US:
-            return True
-        if how is None and sid > self.highest_inbound_stream_id:
+        if self._idle(sid):
             raise ConnectionFailure(Err.PROTOCOL_ERROR, f"{kind} on idle stream {sid}")
+        if self._closed_streams.get(sid) == RESET_BY_US:
+            return True
         raise ConnectionFailure(Err.STREAM_CLOSED, f"{kind} on closed stream {sid}")
 
     def _on_data(self, sid: int, flags: int, payload: bytes, events: list[Any]) -> None:
@@ -162,6 +161,8 @@ class ServerConnection(ControlFrames):
         if length > self._recv_window:
             raise ConnectionFailure(Err.FLOW_CONTROL_ERROR, "DATA beyond the connection's window")
         self._recv_window -= length
+        if flags & PADDED and (not length or payload[0] >= length):
+            raise ConnectionFailure(Err.PROTOCOL_ERROR, "padding as long as the frame")
         stream = self._streams.get(sid)
         if stream is None or stream.remote_closed:
             self.acknowledge_received_data(length, 0)  # the connection's share comes back
@@ -173,11 +174,7 @@ class ServerConnection(ControlFrames):
         if length > stream.recv_window:
             raise ConnectionFailure(Err.FLOW_CONTROL_ERROR, f"DATA beyond stream {sid}'s window")
         stream.recv_window -= length
-        data = payload
-        if flags & PADDED:
-            if not length or payload[0] >= length:
-                raise ConnectionFailure(Err.PROTOCOL_ERROR, "padding as long as the frame")
-            data = payload[1:length - payload[0]]
+        data = payload[1:length - payload[0]] if flags & PADDED else payload
         events.append(h2.events.DataReceived(stream_id=sid, data=data,
                                              flow_controlled_length=length))
         if flags & END_STREAM:

@@ -40,7 +40,7 @@ class ControlFrames(Http2State):
             return
         stream = self._streams.get(sid)
         if stream is None:
-            if sid > self.highest_inbound_stream_id and sid not in self._closed_streams:
+            if self._idle(sid):
                 raise ConnectionFailure(Err.PROTOCOL_ERROR, f"WINDOW_UPDATE on idle stream {sid}")
             return  # a closed stream: allowed for a while (RFC 9113 6.9)
         if not increment:
@@ -62,24 +62,27 @@ class ControlFrames(Http2State):
             raise ConnectionFailure(Err.FRAME_SIZE_ERROR, "SETTINGS not in 6-byte entries")
         changed: dict[Any, h2.settings.ChangedSetting] = {}
         codes = h2.settings.SettingCodes
-        for i in range(0, len(payload), 6):
-            code, value = struct.unpack_from(">HI", payload, i)
+        entries = [struct.unpack_from(">HI", payload, i) for i in range(0, len(payload), 6)]
+        for code, value in entries:  # every value must be valid ...
+            if code == codes.ENABLE_PUSH and value > 1:
+                raise ConnectionFailure(Err.PROTOCOL_ERROR, "ENABLE_PUSH other than 0 or 1")
+            if code == codes.INITIAL_WINDOW_SIZE and value > MAX_WINDOW:
+                raise ConnectionFailure(Err.FLOW_CONTROL_ERROR, "an initial window past 2^31-1")
+            if code == codes.MAX_FRAME_SIZE and not 16384 <= value <= (1 << 24) - 1:
+                raise ConnectionFailure(Err.PROTOCOL_ERROR, "MAX_FRAME_SIZE out of range")
+        # ... and the last of each is applied, once: a frame that repeats one 2,730 times
+        # costs no more than one that has it once (RFC 9113 10.5)
+        for code, value in dict(entries).items():
             original: int | None = None
             if code == codes.HEADER_TABLE_SIZE:
                 original, self.encoder.header_table_size = self.encoder.header_table_size, value
-            elif code == codes.ENABLE_PUSH and value > 1:
-                raise ConnectionFailure(Err.PROTOCOL_ERROR, "ENABLE_PUSH other than 0 or 1")
             elif code == codes.INITIAL_WINDOW_SIZE:
-                if value > MAX_WINDOW:
-                    raise ConnectionFailure(Err.FLOW_CONTROL_ERROR, "an initial window past 2^31-1")
                 original, self._peer_window = self._peer_window, value
                 for stream in self._streams.values():  # RFC 9113 6.9.2
                     stream.send_window += value - original
                     if stream.send_window > MAX_WINDOW:
                         raise ConnectionFailure(Err.FLOW_CONTROL_ERROR, "a window past 2^31-1")
             elif code == codes.MAX_FRAME_SIZE:
-                if not 16384 <= value <= (1 << 24) - 1:
-                    raise ConnectionFailure(Err.PROTOCOL_ERROR, "MAX_FRAME_SIZE out of range")
                 original, self.max_outbound_frame_size = self.max_outbound_frame_size, value
             try:
                 key: Any = codes(code)
@@ -101,7 +104,7 @@ class ControlFrames(Http2State):
             events.append(h2.events.StreamReset(stream_id=sid,
                                                 error_code=U32.unpack(payload)[0],
                                                 remote_reset=True))
-        elif sid > self.highest_inbound_stream_id and sid not in self._closed_streams:
+        elif self._idle(sid):
             raise ConnectionFailure(Err.PROTOCOL_ERROR, f"RST_STREAM on idle stream {sid}")
 
     def _on_ping(self, sid: int, flags: int, payload: bytes) -> None:

@@ -202,6 +202,11 @@ class Http2State:
         if stream.remote_closed:
             self._forget(sid, ENDED)
 
+    def _idle(self, sid: int) -> bool:
+        """Never opened: even (we open no streams) or above every stream the peer opened."""
+        return not sid & 1 or (sid > self.highest_inbound_stream_id
+                               and sid not in self._closed_streams)
+
     def _forget(self, sid: int, how: int) -> None:
         self._streams.pop(sid, None)
         closed = self._closed_streams

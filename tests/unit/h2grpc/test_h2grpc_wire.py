@@ -266,3 +266,31 @@ async def test_a_stream_error_costs_only_its_stream_and_is_counted(http2_layer: 
             await client.until(lambda: client.eof)
         assert server.protocol_errors == 1
         client.close()
+
+
+async def test_a_stream_past_the_limit_is_refused_not_counted_as_bad_input(
+        http2_layer: str) -> None:
+    """A peer may open a stream past MAX_CONCURRENT_STREAMS before it read our SETTINGS:
+    the builtin layer refuses only that stream (REFUSED_STREAM, the peer may retry it)
+    and counts no protocol error; the h2 library ends the connection."""
+    async with serving(max_concurrent_streams=2) as (server, port):
+        client = RawClient()
+        await client.connect(port)
+        await client.until(lambda: client.h2.remote_settings.max_concurrent_streams == 2)
+        for sid in (1, 3):
+            client.open(sid, "Echo")
+        # as a peer that had not read our SETTINGS yet
+        client.h2.remote_settings.update({h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 100})
+        client.h2.remote_settings.acknowledge()
+        client.open(5, "Echo")
+        if http2_layer == "builtin":
+            await client.until(lambda: bool(client.of(5, h2.events.StreamReset)))
+            assert (client.of(5, h2.events.StreamReset)[0].error_code
+                    == h2.errors.ErrorCodes.REFUSED_STREAM)
+            assert server.protocol_errors == 0
+            client.send(1, b"ping", end=True)  # the two open streams go on
+            await client.until(lambda: client.status(1) is not None)
+            assert client.status(1) == b"0"
+        else:
+            await client.until(lambda: client.eof)
+        client.close()

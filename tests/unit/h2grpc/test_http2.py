@@ -191,6 +191,15 @@ CONNECTION_ERRORS: dict[str, tuple[Callable[[Peer], list[bytes]], int]] = {
         E.FLOW_CONTROL_ERROR),
     "WINDOW_UPDATE on an idle stream": (lambda p: [frame(WINDOW_UPDATE, 0, 5, b"\0\0\0\1")],
                                         E.PROTOCOL_ERROR),
+    "WINDOW_UPDATE on an even stream (never ours to open)": (
+        lambda p: [p.open_bytes(5), frame(WINDOW_UPDATE, 0, 2, b"\0\0\0\1")], E.PROTOCOL_ERROR),
+    "RST_STREAM on an even stream": (
+        lambda p: [p.open_bytes(5), frame(RST_STREAM, 0, 4, b"\0" * 4)], E.PROTOCOL_ERROR),
+    "DATA on an even stream": (lambda p: [p.open_bytes(5), frame(DATA, 0, 2, b"x")],
+                               E.PROTOCOL_ERROR),
+    "bad padding on a stream the peer ended": (
+        lambda p: [frame(HEADERS, END_HEADERS | END_STREAM, 1, p.block()),
+                   frame(DATA, PADDED, 1, b"\xff")], E.PROTOCOL_ERROR),
     "a new initial window past 2^31-1 for an open stream": (
         lambda p: [p.open_bytes(1),
                    frame(WINDOW_UPDATE, 0, 1, struct.pack(">I", (1 << 31) - 1 - 65535)),
@@ -363,6 +372,35 @@ def test_a_table_size_set_twice_still_sends_its_update() -> None:
     decoder.max_allowed_table_size = 256  # as a peer that saw its SETTINGS acknowledged
     assert decoder.decode(block, raw=True) == [(b":status", b"200")]
     assert block[:1] == bytes([0x20 | 31]) and decoder.header_table_size == 256
+
+
+def test_a_setting_repeated_in_a_frame_is_applied_once_and_the_last_holds() -> None:
+    peer = Peer()
+    for sid in range(1, 200, 2):
+        peer.open(sid)
+    entries = b"".join(struct.pack(">HI", 4, 70000 + i) for i in range(2730))  # 16,380 bytes
+    events = peer.send(frame(SETTINGS, 0, 0, entries))
+    changed = events[0].changed_settings[h2.settings.SettingCodes.INITIAL_WINDOW_SIZE]
+    assert (changed.original_value, changed.new_value) == (65535, 70000 + 2729)
+    assert peer.conn.local_flow_control_window(1) == 65535  # the connection's: not raised
+    peer.send(frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", 1 << 20)))
+    assert all(peer.conn.local_flow_control_window(sid) == 70000 + 2729
+               for sid in range(1, 200, 2))
+    bad = struct.pack(">HI", 2, 2) + struct.pack(">HI", 2, 0)  # invalid, then valid again
+    assert peer.connection_error(frame(SETTINGS, 0, 0, bad)) == E.PROTOCOL_ERROR
+
+
+def test_table_sizes_owed_stay_bounded_and_the_table_capped() -> None:
+    peer = Peer()
+    for size in range(3000):  # SETTINGS after SETTINGS, no answer sent in between
+        peer.send(frame(SETTINGS, 0, 0, struct.pack(">HI", 1, size % 5000)))
+    assert len(peer.conn.encoder.table_size_changes) <= 2
+    peer.send(frame(SETTINGS, 0, 0, struct.pack(">HI", 1, 0xFFFFFFFF)))  # "4 GiB"
+    assert peer.conn.encoder.header_table_size == 4096
+    for i in range(200):  # distinct answers: each indexed, the oldest evicted
+        peer.conn.encoder.encode([(b"grpc-message", b"Method not found: /x/%d" % i)])
+    entries = peer.conn.encoder.header_table.dynamic_entries
+    assert sum(32 + len(name) + len(value) for name, value in entries) <= 4096  # evicted
 
 
 def test_settings_are_applied_acknowledged_and_reported() -> None:
