@@ -21,6 +21,7 @@ _CONFIG: Final = h2.config.H2Configuration(
     validate_outbound_headers=False, normalize_outbound_headers=False,
     validate_inbound_headers=False, normalize_inbound_headers=False)
 STREAM_WINDOW: Final = 1 << 20  # per-stream receive window we announce
+MAX_HEADER_LIST: Final = 16 * 1024  # decoded, announced in SETTINGS_MAX_HEADER_LIST_SIZE
 
 
 class _DrainingStateMachine(h2.connection.H2ConnectionStateMachine):
@@ -195,7 +196,7 @@ def server_connection(max_concurrent_streams: int) -> h2.connection.H2Connection
     connection.local_settings = h2.settings.Settings(client=False, initial_values={
         h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: max_concurrent_streams,
         h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
-        h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: 16 * 1024,
+        h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST,
     })
     connection.state_machine = _DrainingStateMachine()
     return connection

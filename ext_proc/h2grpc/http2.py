@@ -31,6 +31,7 @@ from typing import Any
 import h2.events
 import hpack
 
+from ext_proc.h2grpc.h2state import MAX_HEADER_LIST
 from ext_proc.h2grpc.http2_control import ControlFrames
 from ext_proc.h2grpc.http2_state import (
     ACK,
@@ -44,7 +45,6 @@ from ext_proc.h2grpc.http2_state import (
     HEADERS,
     MAX_FRAME_IN,
     MAX_HEADER_BLOCK,
-    MAX_HEADER_LIST,
     PADDED,
     PING,
     PREFACE,
@@ -145,14 +145,13 @@ class ServerConnection(ControlFrames):
         if at < size:
             self._buffer, self._needed = bytearray(buffer[at:]), needed
 
-    def _not_open(self, sid: int, kind: str) -> bool:
-        """A DATA or HEADERS frame for a stream that is not open: True when it is to be
-        ignored (we reset it); a connection error when it is idle or closed."""
+    def _not_open(self, sid: int, kind: str) -> None:
+        """A DATA or HEADERS frame for a stream that is not open: ignored when we reset
+        it; a connection error when it is idle or closed otherwise."""
         if self._idle(sid):
             raise ConnectionFailure(Err.PROTOCOL_ERROR, f"{kind} on idle stream {sid}")
-        if self._closed_streams.get(sid) == RESET_BY_US:
-            return True
-        raise ConnectionFailure(Err.STREAM_CLOSED, f"{kind} on closed stream {sid}")
+        if self._closed_streams.get(sid) != RESET_BY_US:
+            raise ConnectionFailure(Err.STREAM_CLOSED, f"{kind} on closed stream {sid}")
 
     def _on_data(self, sid: int, flags: int, payload: bytes, events: list[Any]) -> None:
         length = len(payload)

@@ -15,13 +15,13 @@ import h2.settings
 
 from ext_proc.h2grpc.h2state import (
     CLOSED_STREAMS_KEPT,
+    MAX_HEADER_LIST,
     STREAM_WINDOW,
     RepeatingBlocks,
     RepeatingHeaders,
 )
 
 PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-MAX_HEADER_LIST: Final = 16 * 1024  # decoded, announced in SETTINGS_MAX_HEADER_LIST_SIZE
 MAX_HEADER_BLOCK: Final = 64 * 1024  # encoded, HEADERS and its CONTINUATIONs together
 MAX_FRAME_IN: Final = 16384  # the largest frame we accept (SETTINGS_MAX_FRAME_SIZE's default)
 MAX_WINDOW: Final = (1 << 31) - 1
