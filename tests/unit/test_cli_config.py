@@ -12,14 +12,15 @@ from click.testing import CliRunner
 
 from ext_proc.cli import main
 from ext_proc.config import ConfigError, load_settings
-from ext_proc.config.core import is_loopback, split_host_port
+from ext_proc.config.core import ServerSettings, is_loopback, split_host_port
 from ext_proc.dev.devstack import free_port
 
 
 def test_defaults_listen_on_loopback() -> None:
     settings = load_settings()
-    assert settings.server.listen == "127.0.0.1:50051"
-    assert is_loopback(split_host_port(settings.server.listen)[0])
+    assert settings.server.listen == ServerSettings.model_fields["listen"].default
+    host, port = split_host_port(settings.server.listen)
+    assert is_loopback(host) and port > 0
 
 
 def test_precedence_init_over_env_over_yaml(tmp_path: Path,

@@ -75,7 +75,7 @@ def test_snippet_has_the_graceful_close_flag_and_a_sidecar_h2_cluster() -> None:
 
 
 def test_hostname_sidecar_gets_a_dns_cluster() -> None:
-    settings = load_settings(server={"listen": "extproc-otel:50051"})
+    settings = load_settings(server={"listen": f"extproc-otel:{free_port()}"})
     cluster = snippet(settings, options_for(settings))["clusters"][0]
     assert cluster["type"] == "STRICT_DNS"
 
