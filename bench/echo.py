@@ -17,6 +17,11 @@ request, i.e. the most a change to our own code can win. Modes:
 - ``grpclib``: grpclib (a pure-Python asyncio gRPC server on the ``h2`` library, as
   ours is) running the same upb messages: what a well-kept general-purpose server costs
   where ``ext_proc.h2grpc`` is hand-written for this one call.
+
+With ``ECHO_ANSWER=traced`` (the row ``echo-traced``) the answer to request headers
+has the sidecar's shape: a ``traceparent`` to set upstream and the trace ids as
+dynamic metadata (fixed ones, built once), so Envoy applies and logs what it does
+behind the sidecar. What the sidecar costs beyond that row is its own work.
 """
 
 from __future__ import annotations
@@ -32,12 +37,15 @@ from concurrent import futures
 from typing import Any, Final
 
 import grpc
+from opentelemetry.trace import SpanContext, TraceFlags
 
 from ext_proc import h2grpc
 from ext_proc._gen.envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from ext_proc._gen.envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from ext_proc._gen.envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
-from ext_proc.exchange.answers import empty_response
+from ext_proc.exchange.answers import empty_response, trace_metadata
+from ext_proc.policy.propagation.w3c import traceparent_value
+from ext_proc.request.headers import header_mutation
 
 PROCESS: Final = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
 ACCESS_LOGS: Final = "/envoy.service.accesslog.v3.AccessLogService/StreamAccessLogs"
@@ -45,6 +53,20 @@ MODES: Final = ("h2", "h2-task", "aio", "aio-rw", "sync", "grpclib")
 
 
 _BUSY_NS: Final = int(float(os.environ.get("ECHO_BUSY_US", "0")) * 1000)
+TRACE: Final = SpanContext(0x4BF92F3577B34DA6A3CE929D0E0E4736, 0x00F067AA0BA902B7,
+                           is_remote=False, trace_flags=TraceFlags(TraceFlags.SAMPLED))
+
+
+def traced_answer(namespace: str = "extproc_otel") -> pb.ProcessingResponse:
+    """The answer to request headers in the sidecar's shape, for the ids of `TRACE`."""
+    answer = pb.ProcessingResponse()
+    mutation = answer.request_headers.response.header_mutation
+    header_mutation({"traceparent": traceparent_value(TRACE)}, into=mutation)
+    trace_metadata(namespace, TRACE, into=answer.dynamic_metadata)
+    return answer
+
+
+_TRACED: Final = traced_answer() if os.environ.get("ECHO_ANSWER") == "traced" else None
 
 
 def _answer(request: pb.ProcessingRequest) -> pb.ProcessingResponse:
@@ -52,7 +74,10 @@ def _answer(request: pb.ProcessingRequest) -> pb.ProcessingResponse:
         until = time.thread_time_ns() + _BUSY_NS
         while time.thread_time_ns() < until:
             pass
-    return empty_response(request.WhichOneof("request"))
+    phase = request.WhichOneof("request")
+    if _TRACED is not None and phase == "request_headers":
+        return _TRACED
+    return empty_response(phase)
 
 
 class DirectEcho:

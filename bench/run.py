@@ -113,6 +113,7 @@ class BenchOptions:
             "echo": "Envoy + echo server, no tracing (floor)",
             **{name: f"Envoy + echo ({name.removeprefix('echo-')}), no tracing"
                for name in ECHO if name != "echo"},
+            "echo-traced": "Envoy + echo server answering in the sidecar's shape, no tracing",
             "baseline": f"Envoy + extproc-otel @ {self.baseline} (1 process)",
         }[variant]
 

@@ -231,12 +231,15 @@ PREFILTER_PARTS: Final = {
 ECHO: Final = {"echo": "h2", "echo-full": "h2", "echo-task": "h2-task", "echo-grpcio": "aio",
                "echo-grpcio-full": "aio", "echo-rw": "aio-rw", "echo-sync": "sync",
                "echo-sync-full": "sync", "echo-busy75": "h2", "echo-grpclib": "grpclib",
-               "echo-h2lib": "h2"}
+               "echo-h2lib": "h2", "echo-traced": "h2"}
 # echo-busy75: 75 us of CPU per answered message (150 per request), about what our
 # own code costs per request (bench.hotpath): how much gRPC's share grows with it.
 ECHO_ENV: Final = {"echo-busy75": {"ECHO_BUSY_US": "75"},
                    # the h2 engine on the h2 library's HTTP/2 layer (before 0.2.0)
-                   "echo-h2lib": {"EXTPROC_SERVER__HTTP2_LAYER": "h2"}}
+                   "echo-h2lib": {"EXTPROC_SERVER__HTTP2_LAYER": "h2"},
+                   # answers request headers as the sidecar does (a traceparent, ids as
+                   # dynamic metadata), with no work: Envoy's side of the sidecar's answer
+                   "echo-traced": {"ECHO_ANSWER": "traced"}}
 
 WORKERS_STREAMS: Final = 4  # measured with make bench: see the README's Performance section
 _WORKERS_HEADER: Final = """\

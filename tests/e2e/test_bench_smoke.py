@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
+from bench.echo import TRACE
 from bench.hotpath import measure
 from bench.run import BenchOptions, run_bench
 from bench.soak import VARIANTS as SOAK_VARIANTS
@@ -74,10 +76,11 @@ def test_bench_harness_counts_every_request_and_span(tmp_path: Path) -> None:
 
 def test_the_phases_grpclib_and_prefilter_part_rows_serve_and_count(tmp_path: Path) -> None:
     """sidecar-phases (#19) counts one SERVER span per request, its phase spans aside;
-    echo-grpclib (#20) answers every request on grpclib (none failed open); the
-    prefilter's parts (#18) serve every request, ask about none and record no span,
-    and their sidecar still works (it counts them from the access log)."""
-    variants = ("sidecar-phases", "echo-grpclib", *PREFILTER_PARTS)
+    echo-grpclib (#20) answers every request on grpclib (none failed open); echo-traced
+    (#20) answers in the sidecar's shape, and Envoy takes it (its access log has the
+    ids); the prefilter's parts (#18) serve every request, ask about none and record
+    no span, and their sidecar still works (it counts them from the access log)."""
+    variants = ("sidecar-phases", "echo-grpclib", "echo-traced", *PREFILTER_PARTS)
     options = BenchOptions(rounds=1, seconds=1, light_rate=50, light_seconds=1,
                            warmup_seconds=1, workers=2, connections=8, threads=1,
                            out=tmp_path / "results", variants=variants)
@@ -88,6 +91,13 @@ def test_the_phases_grpclib_and_prefilter_part_rows_serve_and_count(tmp_path: Pa
     assert phases.failed_open == 0 and phases.errors == 0, phases
     assert grpclib.rps > 0 and grpclib.errors == 0 and grpclib.failed_open == 0, grpclib
     assert grpclib.sidecar_us is not None and grpclib.sidecar_us > 0, grpclib
+    traced = rows["echo-traced"]
+    assert traced.errors == 0 and traced.failed_open == 0 and traced.spans is None, traced
+    logged = [json.loads(line) for log in (tmp_path / "work").glob("*echo-traced*/access.log")
+              for line in log.read_text().splitlines()]
+    assert len(logged) == traced.requests, traced  # every request, with the echo's ids
+    assert {(e["trace_id"], e["span_id"]) for e in logged} == {
+        (f"{TRACE.trace_id:032x}", f"{TRACE.span_id:016x}")}
     for part in PREFILTER_PARTS:
         row = rows[part]
         assert row.requests > 0 and row.errors == 0 and row.asked == 0, row
