@@ -95,8 +95,13 @@ def test_the_phases_grpclib_and_prefilter_part_rows_serve_and_count(tmp_path: Pa
     assert traced.errors == 0 and traced.failed_open == 0 and traced.spans is None, traced
     logged = [json.loads(line) for log in (tmp_path / "work").glob("*echo-traced*/access.log")
               for line in log.read_text().splitlines()]
-    assert len(logged) == traced.requests, traced  # every request, with the echo's ids
-    assert {(e["trace_id"], e["span_id"]) for e in logged} == {
+    assert len(logged) == traced.requests, traced
+    # every request answered downstream carries the echo's ids; the only ones without a
+    # response are those a load client cut as it stopped (one per connection at most:
+    # 4 warming up, 8 saturating, 4 paced), some before the echo's answer came
+    answered = [e for e in logged if str(e["status"]) != "0"]
+    assert 0 <= len(logged) - len(answered) <= 4 + options.connections + 4, traced
+    assert {(e["trace_id"], e["span_id"]) for e in answered} == {
         (f"{TRACE.trace_id:032x}", f"{TRACE.span_id:016x}")}
     for part in PREFILTER_PARTS:
         row = rows[part]
