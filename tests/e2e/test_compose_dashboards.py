@@ -59,8 +59,6 @@ VARIABLES: Final = {"route": ".*", "tenant": ".*", "__rate_interval": "1m",
 # Prometheus 3 flags Debian's Prometheus 2.42 does not know (it has no OTLP receiver).
 V3_ONLY_FLAGS: Final = frozenset({"--web.enable-otlp-receiver"})
 UNKNOWN_TENANT: Final = "not-allowed"
-COLLECTOR_TARGET: Final = "otel-collector:8889"
-ENVOY_TARGET: Final = "envoy:9901"
 
 
 def _compose() -> dict[str, Any]:
@@ -125,13 +123,15 @@ def compose_stack(receiver: OtlpReceiver, admin_port: int,
 def _prometheus_config(admin_port: int, envoy_admin: int) -> dict[str, Any]:
     """compose/prometheus.yml with its targets on loopback and a 1 s interval."""
     doc: dict[str, Any] = yaml.safe_load((COMPOSE / "prometheus.yml").read_text())
-    where = {COLLECTOR_TARGET: f"127.0.0.1:{admin_port}", ENVOY_TARGET: f"127.0.0.1:{envoy_admin}"}
+    # each scrape job's one target, by job: the stack runs them on free loopback ports
+    where = {"otel-collector": f"127.0.0.1:{admin_port}", "envoy": f"127.0.0.1:{envoy_admin}"}
     doc["global"] = {"scrape_interval": "1s", "scrape_timeout": "1s",
                      "evaluation_interval": "1s"}
     for job in doc["scrape_configs"]:
         job.pop("scrape_protocols", None)  # Prometheus 2.49+; 2.42 negotiates OpenMetrics itself
         for static in job["static_configs"]:
-            static["targets"] = [where[t] for t in static["targets"]]
+            assert len(static["targets"]) == 1, job
+            static["targets"] = [where[job["job_name"]]]
     return doc
 
 
