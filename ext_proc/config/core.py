@@ -66,7 +66,7 @@ class ServerSettings(BaseModel):
         "builtin",
         description=(
             "h2 engine: the HTTP/2 protocol layer under it: builtin (ext_proc.h2grpc.http2, "
-            "written for a gRPC server: 0.10-0.12x the h2 library's CPU per stream, 24-32 % "
+            "written for a gRPC server: 0.10-0.12x the h2 library's CPU per stream, 24-42 % "
             "less sidecar CPU per request behind Envoy; see bench/README.md) or h2 (the h2 "
             "library, the layer of every release before 0.2.0: a fallback)."
         ),

@@ -160,7 +160,6 @@ class RepeatingHeaders(hpack.Encoder):
             _remember(self._known, key, (encoded, before))
         return encoded
 
-
     @property
     def header_table_size(self) -> int:
         return int(self.header_table.maxsize)

@@ -7,7 +7,7 @@ drive either (`server.http2_layer`). It does only what a gRPC server needs: no
 server push, no priorities (PRIORITY is read and ignored), no header checks (the
 servicers parse what they use), no CONTINUATION blocks longer than 64 KiB. Alone, it
 costs 0.10-0.12x of `h2`'s CPU per ext_proc stream (bench/h2alone.py); behind Envoy,
-the sidecar's CPU per request fell 24-32 % with it (bench/README.md).
+the sidecar's CPU per request fell 24-42 % with it (six runs on two boxes, bench/README.md).
 
 Errors, as the RFC asks (section 5.4):
 - a *connection error* queues a GOAWAY with its code and raises
